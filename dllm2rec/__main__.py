@@ -1,0 +1,3 @@
+from dllm2rec.cli import main
+
+raise SystemExit(main())

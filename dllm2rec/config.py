@@ -1,0 +1,281 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted CLI overrides.
+
+The dataclasses here are the single source of truth for every knob of a student run.
+Topology (processes, nodes, DeepSpeed) is NOT part of a run config: it lives in
+``accelerate_config.yaml`` and ``launch/``.
+
+Contract:
+- ``load_config(path, overrides)`` reads a YAML file, applies ``a.b.c=value`` overrides
+  (values parsed as YAML scalars), rejects unknown keys (``ConfigError`` naming the key and
+  the file), checks types and ranges, and returns a ``RunConfig``.
+- ``dump_config(cfg, path)`` writes the resolved config atomically (it is written next to
+  every output so a run can be reproduced from its folder alone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dllm2rec.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/data/ml-100k"  # a prepared dataset folder (see docs/ARCHITECTURE.md)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sasrec"  # gru4rec | sasrec | caser
+    hidden: int = 64
+    dropout: float = 0.1
+    max_len: int = 10
+    num_heads: int = 1  # sasrec
+    num_blocks: int = 1  # sasrec
+    caser_heights: list[int] = field(default_factory=lambda: [2, 3, 4])
+    caser_filters: int = 16
+    caser_vertical: int = 1
+
+
+@dataclass
+class LossConfig:
+    objective: str = "bce"  # bce | ce | sampled_softmax
+    dro_alpha: float = 0.0  # > 0 turns SASRec into DROS
+    dro_beta: float = 1.0
+    num_sampled: int = 256  # sampled_softmax: shared negatives per batch
+    item_chunk: int = 65536  # items per chunk for full-catalogue terms (DRO, CE, top-k)
+
+
+@dataclass
+class RDConfig:
+    enabled: bool = False
+    variant: str = "official"  # official | paper
+    lam: float = 0.8
+    k: int = 10
+    beta_position: float = 1.0
+    gamma_position: float = 0.3
+    gamma_confidence: float = 0.5
+    gamma_consistency: float = 0.1
+    use_position: bool = True
+    use_confidence: bool = True
+    use_consistency: bool = True
+    soft_target_mix: float = 0.5  # ce objective: weight of the teacher distribution vs one-hot
+
+
+@dataclass
+class EDConfig:
+    enabled: bool = False
+    weight: float = 0.2
+    learnable_offset: bool = True  # False: projected LLM embedding only (no ID embedding)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # teacher artefact folder (project format) or reference tocf/ folder
+    rd: RDConfig = field(default_factory=RDConfig)
+    ed: EDConfig = field(default_factory=EDConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/student"
+    epochs: int = 200
+    batch_size: int = 256  # global batch size, split across processes
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    patience: int = 10
+    select_on: str = "valid"  # valid | test (test = reference-code protocol, labelled as such)
+    eval_dropout: bool = False  # True = reference-code protocol (dropout on at evaluation)
+    eval_batch_size: int = 1024
+    checkpoint_every: int = 1  # epochs
+    max_steps_per_epoch: int = 0  # 0 = full pass (a cap is for smoke tests)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    select_metric: str = "ndcg@20"
+    mask_history: bool = False  # non-default: exclude history items from the ranking
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    ("model", "name"): {"gru4rec", "sasrec", "caser"},
+    ("loss", "objective"): {"bce", "ce", "sampled_softmax"},
+    ("distill", "rd", "variant"): {"official", "paper"},
+    ("train", "select_on"): {"valid", "test"},
+}
+_POSITIVE = {
+    ("model", "hidden"), ("model", "max_len"), ("model", "num_heads"), ("model", "num_blocks"),
+    ("model", "caser_filters"), ("loss", "num_sampled"), ("loss", "item_chunk"),
+    ("distill", "rd", "k"), ("train", "batch_size"), ("train", "lr"), ("train", "eval_batch_size"),
+    ("train", "epochs"), ("train", "checkpoint_every"), ("distill", "rd", "beta_position"),
+    ("loss", "dro_beta"),
+}
+_NON_NEGATIVE = {
+    ("loss", "dro_alpha"), ("distill", "rd", "lam"), ("distill", "ed", "weight"),
+    ("distill", "rd", "gamma_position"), ("distill", "rd", "gamma_confidence"),
+    ("distill", "rd", "gamma_consistency"), ("train", "weight_decay"), ("train", "patience"),
+    ("train", "seed"), ("train", "max_steps_per_epoch"), ("model", "caser_vertical"),
+}
+_UNIT = {("model", "dropout"), ("distill", "rd", "soft_target_mix")}
+
+
+def _build(cls: type, raw: dict, where: str, source: str) -> Any:
+    """Recursively build dataclass ``cls`` from ``raw``, rejecting unknown keys and bad types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{source}: unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed under '{where or 'top level'}': {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        kwargs[f.name] = _coerce(hints[f.name], raw[f.name], key, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(inner, v, key, source) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: unsupported type for '{key}'")  # pragma: no cover
+
+
+def _get(cfg: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        cfg = getattr(cfg, p)
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
+    """Range and cross-field checks. Raises ``ConfigError`` naming the key and the problem."""
+    for path, allowed in _CHOICES.items():
+        v = _get(cfg, path)
+        if v not in allowed:
+            raise ConfigError(f"{source}: '{'.'.join(path)}' = {v!r}; choose one of {sorted(allowed)}")
+    for path in _POSITIVE:
+        if not _get(cfg, path) > 0:
+            raise ConfigError(f"{source}: '{'.'.join(path)}' must be > 0, got {_get(cfg, path)!r}")
+    for path in _NON_NEGATIVE:
+        if _get(cfg, path) < 0:
+            raise ConfigError(f"{source}: '{'.'.join(path)}' must be >= 0, got {_get(cfg, path)!r}")
+    for path in _UNIT:
+        if not 0.0 <= _get(cfg, path) <= 1.0:
+            raise ConfigError(f"{source}: '{'.'.join(path)}' must be in [0, 1], got {_get(cfg, path)!r}")
+    if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
+        raise ConfigError(f"{source}: 'eval.ks' must be a non-empty list of positive integers")
+    metric, _, k = cfg.eval.select_metric.partition("@")
+    if metric not in {"ndcg", "hr"} or not k.isdigit() or int(k) not in cfg.eval.ks:
+        raise ConfigError(
+            f"{source}: 'eval.select_metric' = {cfg.eval.select_metric!r}; expected ndcg@K or hr@K "
+            f"with K in eval.ks {cfg.eval.ks}"
+        )
+    if (cfg.distill.rd.enabled or cfg.distill.ed.enabled) and not cfg.distill.teacher:
+        raise ConfigError(f"{source}: distillation is enabled but 'distill.teacher' is empty")
+    if any(h <= 0 or h > cfg.model.max_len for h in cfg.model.caser_heights):
+        raise ConfigError(f"{source}: 'model.caser_heights' must lie in 1..model.max_len")
+    if cfg.model.hidden % cfg.model.num_heads:
+        raise ConfigError(f"{source}: 'model.hidden' must be divisible by 'model.num_heads'")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=1e-3'`` -> (['train', 'lr'], 0.001). Values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, _, raw = text.partition("=")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads '1e-3' as a string; accept scientific notation as a float.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{p}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or defaults when ``path`` is None) and apply overrides."""
+    source = str(path) if path else "defaults"
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    raw = apply_overrides(raw, list(overrides or []))
+    cfg = _build(RunConfig, raw, "", source)
+    return validate(cfg, source)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    from dllm2rec.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
