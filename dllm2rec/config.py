@@ -77,6 +77,9 @@ class EDConfig:
 @dataclass
 class DistillConfig:
     teacher: str = ""  # teacher artefact folder (project format) or reference tocf/ folder
+    # Share of training rows that must have teacher output. 1.0 = all (default, strict). Lower
+    # values allow a teacher run over a documented subset (demo); rows without output get no RD.
+    min_coverage: float = 1.0
     rd: RDConfig = field(default_factory=RDConfig)
     ed: EDConfig = field(default_factory=EDConfig)
 
@@ -134,7 +137,7 @@ _NON_NEGATIVE = {
     ("distill", "rd", "gamma_consistency"), ("train", "weight_decay"), ("train", "patience"),
     ("train", "seed"), ("train", "max_steps_per_epoch"), ("model", "caser_vertical"),
 }
-_UNIT = {("model", "dropout"), ("distill", "rd", "soft_target_mix")}
+_UNIT = {("model", "dropout"), ("distill", "rd", "soft_target_mix"), ("distill", "min_coverage")}
 
 
 def _build(cls: type, raw: dict, where: str, source: str) -> Any:
