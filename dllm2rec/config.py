@@ -97,6 +97,7 @@ class TrainConfig:
     eval_dropout: bool = False  # True = reference-code protocol (dropout on at evaluation)
     eval_batch_size: int = 1024
     checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch (exact mid-epoch resume)
     max_steps_per_epoch: int = 0  # 0 = full pass (a cap is for smoke tests)
     progress: bool = True
 
@@ -135,7 +136,7 @@ _NON_NEGATIVE = {
     ("loss", "dro_alpha"), ("distill", "rd", "lam"), ("distill", "ed", "weight"),
     ("distill", "rd", "gamma_position"), ("distill", "rd", "gamma_confidence"),
     ("distill", "rd", "gamma_consistency"), ("train", "weight_decay"), ("train", "patience"),
-    ("train", "seed"), ("train", "max_steps_per_epoch"), ("model", "caser_vertical"),
+    ("train", "seed"), ("train", "max_steps_per_epoch"), ("train", "checkpoint_every_steps"), ("model", "caser_vertical"),
 }
 _UNIT = {("model", "dropout"), ("distill", "rd", "soft_target_mix"), ("distill", "min_coverage")}
 

@@ -54,9 +54,18 @@ def _open_bytes(path: Path):
 
 
 def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line without its newline); skip blank lines."""
-    with _open_bytes(path) as fh:
+    """Yield (1-based line number, decoded line without its newline); skip blank lines.
+
+    Files over 32 MiB show a tqdm byte counter on an interactive terminal.
+    """
+    from tqdm import tqdm
+
+    big = path.is_file() and path.stat().st_size > 32 << 20
+    with _open_bytes(path) as fh, tqdm(total=None if path.suffix == ".gz" else path.stat().st_size,
+                                       unit="B", unit_scale=True, desc=path.name, leave=False,
+                                       disable=None if big else True) as bar:
         for lineno, raw in enumerate(fh, start=1):
+            bar.update(len(raw))
             try:
                 line = raw.decode(encoding)
             except UnicodeDecodeError as exc:
