@@ -18,11 +18,17 @@ PY="${PYTHON:-python3.11}"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
+# -q; the local mirror prints harmless "Location ... is ignored" warnings.
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 # CPU torch, the same release as the main venv (resolves from the local wheel store).
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" "numpy<2" "scipy<1.14" "pandas<2.3" "pyyaml" "tqdm" "colorlog==4.7.2" \
-  "colorama==0.4.4" "tabulate" "texttable" "scikit-learn<1.6" "tensorboard" "thop" "psutil"
+# numpy/scipy/pandas/scikit-learn: dataset + evaluator imports (numpy < 2 for RecBole 1.2.1);
+# colorlog/colorama/texttable/pyyaml/tqdm: recbole.utils + Config; tensorboard: every Trainer
+# opens a SummaryWriter; thop/psutil: only RecBole's own quick_start (get_flops, environment
+# table), kept so `recbole.quick_start.run_recbole` works too. Pins = the set verified here.
+"${PIP[@]}" "numpy==1.26.4" "scipy==1.13.1" "pandas==2.2.3" "scikit-learn==1.5.2" \
+  "colorlog==4.7.2" "colorama==0.4.4" "texttable==1.7.2" "pyyaml==6.0.4" "tqdm==4.70.1" \
+  "tensorboard==2.21.0" "thop==0.1.1.post2209072238" "psutil==7.2.2"
 "${PIP[@]}" --no-deps "recbole==1.2.1"
 "$VENV/bin/python" -c "import recbole, torch, numpy; print('recbole', recbole.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
 echo "RecBole venv ready: $VENV"

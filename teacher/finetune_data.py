@@ -7,7 +7,8 @@ Contract:
   is ``teacher.prompts.build_training_text`` (prompt + quoted answer) and ``prompt`` is its
   prefix the model is conditioned on (``teacher.prompts.build_prompt``).
 - ``encode_example(tokenizer, prompt, full_text, max_length, train_on_inputs)`` -> dict with
-  ``input_ids`` / ``labels`` (python lists of equal length <= max_length). The EOS token is
+  ``input_ids`` / ``labels`` (python lists of equal length <= max_length) and ``n_prompt``
+  (number of leading tokens that belong to the prompt). The EOS token is
   appended (BIGRec does the same) so the model learns to stop after the answer. With
   ``train_on_inputs=False`` every token whose text starts inside the prompt gets label -100.
 - ``collate(examples, pad_id)`` -> ``input_ids`` / ``attention_mask`` / ``labels`` Long[B, T],
@@ -52,7 +53,8 @@ def split_texts(dataset: Any, split: str, indices: Sequence[int]) -> list[tuple[
     """(prompt, prompt + answer) pairs for the given rows of ``split``, in the order given."""
     from teacher import prompts
 
-    domain = prompts.Domain.from_manifest(dataset.manifest, source=f"{getattr(dataset, 'path', 'dataset')}/manifest.json")
+    source = f"{getattr(dataset, 'path', 'dataset')}/manifest.json"
+    domain = prompts.Domain.from_manifest(dataset.manifest, source=source)
     pairs = []
     for i in indices:
         history, target = row_titles(dataset, split, int(i))
@@ -73,16 +75,19 @@ def encode_example(tokenizer: Any, prompt: str, full_text: str, max_length: int,
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     labels = list(ids)
+    # Character offsets are exact even where a token straddles the prompt/answer boundary
+    # (such a token starts inside the prompt, so it counts as a prompt token).
+    n_prompt = sum(1 for start, _ in enc["offset_mapping"] if start < len(prompt))
     if not train_on_inputs:
-        # Character offsets are exact even where a token straddles the prompt/answer
-        # boundary (such a token starts inside the prompt, so it is masked).
-        n_prompt = sum(1 for start, _ in enc["offset_mapping"] if start < len(prompt))
         labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "n_prompt": n_prompt}
 
 
-def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of ``encode_example`` outputs into Long[B, T] tensors."""
+def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of ``encode_example`` outputs into Long[B, T] tensors.
+
+    Also returns ``n_prompt`` Long[B] (prompt tokens per row) for the answer-only loss.
+    """
     width = max(len(e["input_ids"]) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, width), int(pad_id), dtype=torch.long)
@@ -93,4 +98,5 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
         input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         labels[b, :n] = torch.tensor(e["labels"], dtype=torch.long)
         mask[b, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    n_prompt = torch.tensor([int(e.get("n_prompt", 0)) for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "n_prompt": n_prompt}

@@ -97,6 +97,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "SOURCE.txt").write_text(f"converted from {SMOLLM2_WHEEL}:{SMOLLM2_GGUF} (fp32)\n")
+        # mkdtemp creates 0700; a shared cache must stay readable by other users/jobs
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
 
 
 def fetch_smollm2(cache: str | Path | None = None) -> Path:

@@ -71,10 +71,17 @@ def test_fewer_items_than_k_fills_with_minus_one():
         assert torch.isneginf(s[:, 3:]).all()
 
 
-def test_auto_switches_on_catalogue_size():
-    weight, bias, _ = _layer(200, 4)
-    assert build_retriever(weight, bias, method="auto", auto_threshold=1000).method == "dense"
-    assert build_retriever(weight, bias, method="auto", auto_threshold=100).method == "flat"
+def test_auto_switches_on_catalogue_size_and_batch():
+    weight, bias, h = _layer(200, 4)
+    small = build_retriever(weight, bias, method="auto", auto_threshold=1000)
+    small.search(h[:1], 5)
+    assert small.last_method == "dense"
+    big = build_retriever(weight, bias, method="auto", auto_threshold=100)
+    one = big.search(h[:1], 5)
+    assert big.last_method == "flat"
+    many = big.search(h, 5)
+    assert big.last_method == "dense"
+    assert torch.equal(one[1], many[1][:1])  # both paths are exact
     with pytest.raises(ValueError, match="unknown retrieval method"):
         build_retriever(weight, bias, method="annoy")
 
@@ -89,3 +96,22 @@ def test_approximate_indexes_report_recall():
     assert measure_recall(hnsw, exact) > 0.5
     assert measure_recall(ivf_all, exact) == 1.0  # probing every list is exhaustive
     assert measure_recall(ivf_one, exact) < 1.0  # one list of 64 misses some neighbours
+
+
+def test_serve_bench_smoke(tmp_path):
+    import argparse
+    import json
+
+    from dllm2rec import serve_bench
+
+    p = argparse.ArgumentParser()
+    serve_bench.add_arguments(p)
+    out = tmp_path / "serve.md"
+    args = p.parse_args(["--catalogues", "300", "--batches", "1,8", "--methods", "dense,flat,ivf", "--seconds", "0.05",
+                         "--teacher", "skip", "--hidden", "8", "--max-len", "4", "--out", str(out)])
+    assert serve_bench.run(args) == 0
+    table = [line for line in out.read_text().splitlines() if line.startswith("| 300 |")]
+    assert len(table) == 6  # 3 methods x 2 batch sizes
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert all(r["rows_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in data["students"])
+    assert [r["recall"] is None for r in data["students"]] == [True] * 4 + [False] * 2

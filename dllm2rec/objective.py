@@ -1,0 +1,95 @@
+"""The training objective of one step: named loss terms from one forward pass.
+
+``StepObjective(cfg, n_items, train_targets, teacher)(encoder, student, batch, generator)``
+returns ``{name: scalar tensor}`` (already weighted: ``bce``, ``ce``, ``sampled_softmax``,
+``dro`` = alpha * DRO, ``rd`` = lam * RD); the total loss is their sum. Every full-catalogue
+term goes through the chunked functions of ``losses`` / ``distill`` / ``softmax``, so no
+[B, N] tensor larger than one item chunk is ever built.
+
+``encoder`` is the (possibly DDP/DeepSpeed-wrapped) ``Encoder``: the forward pass must go
+through the wrapper for gradient synchronisation; the output layer's weight and bias are then
+used directly (they are parameters of the wrapped module, so their gradients are reduced too).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dllm2rec import distill, losses, softmax
+from dllm2rec.batches import Batch
+
+
+class Encoder(nn.Module):
+    """Wraps a student so that ``forward`` returns ``encode(...)`` -> Float[B, H] (not [B, N])."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, history, lengths, llm_table=None):
+        if llm_table is None:
+            return self.student.encode(history, lengths)
+        return self.student.encode(history, lengths, llm_table=llm_table)
+
+
+class StepObjective:
+    """Holds the per-run constants of the objective (popularity weights, log-q, config)."""
+
+    def __init__(self, cfg, n_items: int, train_targets: torch.Tensor, teacher=None):
+        self.cfg = cfg
+        self.n_items = n_items
+        self.teacher = teacher
+        counts = torch.bincount(train_targets, minlength=n_items).double()
+        self.dro_p = losses.item_popularity_weights(train_targets, n_items) if cfg.loss.dro_alpha > 0 else None
+        # log q for sampled softmax: smoothed popularity, normalised.
+        self.log_q = torch.log((counts + 1) / (counts + 1).sum()).float()
+        self.llm_table = teacher.embeddings if (teacher is not None and cfg.distill.ed.enabled) else None
+        self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
+
+    def __call__(self, encoder: nn.Module, student: nn.Module, batch: Batch,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        chunk = cfg.loss.item_chunk
+        h = encoder(batch.history, batch.lengths, self.llm_table)
+        weight, bias = student.output.weight, student.output.bias
+        terms: dict[str, torch.Tensor] = {}
+        neg_logits = None
+        obj = cfg.loss.objective
+        if obj == "bce":
+            neg = losses.sample_negatives(batch.history, batch.target, self.n_items, generator=generator)
+            pos_logits = softmax.gather_logits(h, weight, bias, batch.target)
+            neg_logits = softmax.gather_logits(h, weight, bias, neg)
+            terms["bce"] = losses.bce_loss(pos_logits, neg_logits)
+        elif obj == "ce" and not self.rd_k:
+            terms["ce"] = softmax.chunked_cross_entropy(h, weight, bias, batch.target, chunk)
+        elif obj == "sampled_softmax":
+            terms["sampled_softmax"] = softmax.sampled_softmax_loss(
+                h, weight, bias, batch.target, cfg.loss.num_sampled, self.log_q.to(h.device), generator)
+        alpha = cfg.loss.dro_alpha
+        dro_cand = None
+        if alpha > 0:
+            # One catalogue pass serves the target and (official RD) every teacher candidate.
+            official = self.rd_k and cfg.distill.rd.variant == "official" and obj == "bce"
+            cols = torch.cat([batch.target[:, None], batch.cand], 1) if official else batch.target[:, None]
+            dro = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk)
+            terms["dro"] = alpha * dro[:, 0].mean()
+            dro_cand = dro[:, 1:] if official else None
+        if self.rd_k:
+            terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand))
+        return terms
+
+    def _rd(self, h, weight, bias, batch: Batch, neg_logits, dro_cand) -> dict[str, torch.Tensor]:
+        cfg, rd = self.cfg, self.cfg.distill.rd
+        chunk = cfg.loss.item_chunk
+        with torch.no_grad():
+            member = distill.student_topk_membership(h.detach(), weight.detach(), bias.detach(), batch.cand, rd.k, chunk)
+        w = distill.rd_weights(batch.cand_dist, member, batch.gt_dist, rd)
+        if cfg.loss.objective == "ce":
+            # Softmax students: the teacher candidates smooth the one-hot target (see softmax.soft_target_ce).
+            return {"ce": softmax.soft_target_ce(h, weight, bias, batch.target, batch.cand, w, rd.soft_target_mix, chunk)}
+        cand_logits = softmax.gather_logits(h, weight, bias, batch.cand)
+        if rd.variant == "paper":
+            return {"rd": rd.lam * distill.rd_loss_paper(cand_logits, w)}
+        if neg_logits is None:
+            raise ValueError("the official RD loss needs the BCE objective's sampled negative (loss.objective=bce)")
+        return {"rd": rd.lam * distill.rd_loss_official(cand_logits, neg_logits, w, dro_cand, cfg.loss.dro_alpha)}

@@ -1,0 +1,293 @@
+"""Student training: ``python -m dllm2rec train --config launch/configs/<run>.yaml [key=value ...] [--resume]``.
+
+One epoch = one shuffled pass (order = f(seed, epoch), see ``dllm2rec.batches``). One step:
+forward -> named losses (``dllm2rec.objective``) -> finite check on every rank -> backward ->
+optimizer step -> log. After each epoch: validation (full ranking), early stopping on the
+selection metric (valid ndcg@20, patience 10), test metrics at each new best epoch,
+``metrics.jsonl``, TensorBoard scalars, ``best/model.safetensors``, ``checkpoints/last``.
+At the end ``results.json`` and the run ``manifest.json``.
+
+Run the same code under ``accelerate launch`` (DDP over gloo/NCCL, or DeepSpeed ZeRO-1/2): the
+global batch ``train.batch_size`` is split across processes; see launch/ and docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from dllm2rec.atomic import atomic_write_json, atomic_write_text, write_manifest
+from dllm2rec.batches import SplitTensors, epoch_order, global_batch, make_batch, split_tensors, step_seed, steps_per_epoch
+from dllm2rec.config import RunConfig, config_to_dict, load_config
+from dllm2rec.errors import ConfigError, TrainingError
+
+RUN_SCHEMA = "dllm2rec.run/1"
+REFERENCE_LABEL = "reference-protocol (selected on test, dropout on at eval)"
+STANDARD_LABEL = "standard (selected on valid, dropout off at eval)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 distill.rd.lam=0.5")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/last if present")
+
+
+def run(args: argparse.Namespace) -> int:
+    train(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+@dataclass
+class Inputs:
+    dataset: object
+    teacher: object
+    splits: dict[str, SplitTensors]
+    student: torch.nn.Module
+    llm_table: torch.Tensor | None
+
+
+def protocol_label(cfg: RunConfig) -> str:
+    if cfg.train.select_on == "test" or cfg.train.eval_dropout:
+        return REFERENCE_LABEL if (cfg.train.select_on == "test" and cfg.train.eval_dropout) else (
+            f"non-standard (selected on {cfg.train.select_on}, dropout {'on' if cfg.train.eval_dropout else 'off'} at eval)")
+    return STANDARD_LABEL
+
+
+def load_inputs(cfg: RunConfig) -> Inputs:
+    """Dataset, validated teacher knowledge, split tensors and a freshly initialised student."""
+    from dllm2rec.data.dataset import load_dataset
+    from dllm2rec.knowledge import load_teacher
+    from dllm2rec.models import build_student
+
+    dataset = load_dataset(cfg.data.path)
+    teacher = None
+    rd, ed = cfg.distill.rd, cfg.distill.ed
+    if rd.enabled or ed.enabled:
+        teacher = load_teacher(cfg.distill.teacher, dataset)
+        if rd.enabled and rd.k > teacher.top_n:
+            raise ConfigError(f"distill.rd.k = {rd.k} exceeds the teacher's top_n = {teacher.top_n} ({teacher.path})")
+        if rd.enabled and rd.variant == "paper" and teacher.gt_dist is None:
+            raise ConfigError(f"distill.rd.variant=paper needs gt_dist, which {teacher.path} lacks "
+                              f"({teacher.source} format); use variant=official")
+    splits = {name: split_tensors(dataset.splits[name], cfg.model.max_len, dataset.padding_id, name)
+              for name in ("train", "valid", "test")}
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    student = build_student(cfg.model, dataset.n_items, teacher.emb_dim if (teacher is not None and ed.enabled) else None,
+                            ed.weight, ed.learnable_offset)
+    llm_table = teacher.embeddings if (teacher is not None and ed.enabled) else None
+    return Inputs(dataset, teacher, splits, student, llm_table)
+
+
+def fresh_state() -> dict:
+    return {"epoch": 0, "step": 0, "global_step": 0, "loss_sums": {}, "loss_steps": 0,
+            "best_value": None, "best_epoch": None, "bad_epochs": 0, "best_valid": None,
+            "best_test": None, "history": [], "stopped": None}
+
+
+def _device_table(table, device):
+    return None if table is None else table.to(device)
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train one student; returns the results dict (also written to ``results.json``)."""
+    from tqdm import tqdm
+
+    from dllm2rec import checkpoint as ckpt
+    from dllm2rec.distributed import (all_finite, barrier, configure_deepspeed_batch, gather_objects,
+                                      is_deepspeed, is_main, make_accelerator, mean_across, shard)
+    from dllm2rec.evaluate import evaluate_split
+    from dllm2rec.objective import Encoder, StepObjective
+
+    out = Path(cfg.train.output_dir)
+    accelerator = make_accelerator()
+    world, rank, main = accelerator.num_processes, accelerator.process_index, is_main(accelerator)
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {world} processes")
+    inputs = load_inputs(cfg)
+    student, splits = inputs.student, inputs.splits
+    objective = StepObjective(cfg, inputs.dataset.n_items, splits["train"].target, inputs.teacher)
+    encoder = Encoder(student)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    configure_deepspeed_batch(accelerator, cfg.train.batch_size // world, cfg.train.batch_size)
+    encoder, optimizer = accelerator.prepare(encoder, optimizer)
+    device = accelerator.device
+    objective.llm_table = _device_table(objective.llm_table, device)
+    config_text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    state = fresh_state()
+    last_dir = out / "checkpoints" / "last"
+    if resume and (last_dir / "manifest.json").is_file():
+        state = _restore(last_dir, accelerator, student, optimizer, world, rank)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_text)
+        _write_metrics(out, state["history"])
+    writer = _tensorboard(out) if main else None
+    n_rows = len(splits["train"])
+    n_steps = steps_per_epoch(n_rows, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
+    if n_steps == 0:
+        raise ConfigError(f"{cfg.data.path}: {n_rows} training rows give no batch")
+    eval_kw = dict(chunk=cfg.loss.item_chunk, batch_size=cfg.train.eval_batch_size, mask_history=cfg.eval.mask_history,
+                   llm_table=objective.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed)
+    every = cfg.train.checkpoint_every_steps
+
+    def save(position_state):
+        rng = gather_objects(accelerator, ckpt.rng_state())
+        opt_state = optimizer.state_dict()
+        if is_deepspeed(accelerator):
+            opt_state = gather_objects(accelerator, opt_state)
+        if main:
+            ckpt.save_checkpoint(last_dir, model_state=student.state_dict(), optimizer_state=opt_state,
+                                 rng_states=rng, state=position_state, config_text=config_text)
+        barrier(accelerator)
+
+    t_start = time.time()
+    while state["epoch"] < cfg.train.epochs and state["stopped"] is None:
+        epoch = state["epoch"]
+        order = epoch_order(cfg.train.seed, epoch, n_rows)
+        encoder.train()
+        t_epoch = time.time()
+        bar = tqdm(range(state["step"], n_steps), disable=not (main and cfg.train.progress),
+                   desc=f"epoch {epoch}", leave=False)
+        for step in bar:
+            seed = step_seed(cfg.train.seed, epoch, step, rank)
+            torch.manual_seed(seed)  # dropout of this step: a function of (seed, epoch, step, rank)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            rows = shard(global_batch(order, step, cfg.train.batch_size), rank, world)
+            batch = make_batch(splits["train"], rows, inputs.teacher, objective.rd_k, False, device)
+            terms = objective(encoder, student, batch, gen)
+            loss = sum(terms.values())
+            if not all_finite(accelerator, loss.detach()):
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch} step {step} ({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())}); "
+                    f"stopped, the last good checkpoint is kept in {last_dir}")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            for k, v in terms.items():
+                state["loss_sums"][k] = state["loss_sums"].get(k, 0.0) + float(v.detach())
+            state["loss_sums"]["loss"] = state["loss_sums"].get("loss", 0.0) + float(loss.detach())
+            state["loss_steps"] += 1
+            state["step"] = step + 1
+            state["global_step"] += 1
+            if main and cfg.train.progress:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if every and state["step"] % every == 0 and state["step"] < n_steps:
+                save(state)
+        bar.close()
+        train_seconds = time.time() - t_epoch
+        names = sorted(state["loss_sums"])
+        local = torch.tensor([state["loss_sums"][k] / max(state["loss_steps"], 1) for k in names], device=device)
+        epoch_losses = dict(zip(names, mean_across(accelerator, local).tolist()))
+        record = _end_of_epoch(cfg, state, epoch, epoch_losses, train_seconds, student, splits, accelerator, eval_kw,
+                               evaluate_split, out, main)
+        if writer is not None:
+            for k, v in record["losses"].items():
+                writer.add_scalar(f"loss/{k}", v, epoch)
+            for split in ("valid", "test"):
+                for k, v in (record.get(split) or {}).items():
+                    writer.add_scalar(f"{split}/{k}", v, epoch)
+            writer.flush()
+        state.update(epoch=epoch + 1, step=0, loss_sums={}, loss_steps=0)
+        if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
+            state["stopped"] = f"early stop: no {cfg.eval.select_metric} gain on {cfg.train.select_on} for {cfg.train.patience} epochs"
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or state["stopped"] or state["epoch"] >= cfg.train.epochs:
+            save(state)
+    if writer is not None:
+        writer.close()
+    digests = gather_objects(accelerator, _param_digest(student))
+    results = {
+        "protocol": protocol_label(cfg), "select_on": cfg.train.select_on, "select_metric": cfg.eval.select_metric,
+        "best_epoch": state["best_epoch"], "valid": state["best_valid"], "test": state["best_test"],
+        "epochs_run": state["epoch"], "stopped": state["stopped"] or "max epochs reached",
+        "world_size": world, "seconds_this_process": round(time.time() - t_start, 3),
+        "param_digest": digests[0], "params_identical_across_ranks": len(set(digests)) == 1,
+    }
+    if main:
+        atomic_write_json(out / "results.json", results)
+        write_manifest(out, _run_manifest(cfg, inputs, state))
+    barrier(accelerator)
+    return results
+
+
+def _end_of_epoch(cfg, state, epoch, epoch_losses, train_seconds, student, splits, accelerator, eval_kw,
+                  evaluate_split, out: Path, main: bool) -> dict:
+    """Evaluate, update early stopping, write best weights and metrics.jsonl; returns the epoch record."""
+    from safetensors.torch import save_file
+
+    from dllm2rec.atomic import atomic_path
+
+    ks = cfg.eval.ks
+    t0 = time.time()
+    valid = evaluate_split(student, splits["valid"], accelerator, ks, **eval_kw)
+    test = evaluate_split(student, splits["test"], accelerator, ks, **eval_kw) if cfg.train.select_on == "test" else None
+    value = (valid if cfg.train.select_on == "valid" else test)[cfg.eval.select_metric]
+    improved = state["best_value"] is None or value > state["best_value"]
+    if improved:
+        if test is None:
+            test = evaluate_split(student, splits["test"], accelerator, ks, **eval_kw)
+        state.update(best_value=value, best_epoch=epoch, bad_epochs=0, best_valid=valid, best_test=test)
+        if main:
+            with atomic_path(out / "best" / "model.safetensors") as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
+    else:
+        state["bad_epochs"] += 1
+    record = {"epoch": epoch, "losses": epoch_losses, "valid": valid, "test": test, "improved": improved,
+              "train_seconds": round(train_seconds, 3), "eval_seconds": round(time.time() - t0, 3)}
+    state["history"].append(record)
+    if main:
+        _write_metrics(out, state["history"])
+    return record
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl is rewritten whole from the checkpointed history, so a resumed run never
+    repeats or loses an epoch line."""
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+
+
+def _param_digest(student: torch.nn.Module) -> str:
+    """sha256 of all weights: equal on every rank iff the processes trained one synchronised model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, v in sorted(student.state_dict().items()):
+        h.update(name.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tb"))
+
+
+def _restore(last_dir: Path, accelerator, student, optimizer, world: int, rank: int) -> dict:
+    from dllm2rec import checkpoint as ckpt
+
+    saved = ckpt.load_checkpoint(last_dir)
+    if saved["world_size"] != world:
+        raise TrainingError(f"{last_dir}: saved with {saved['world_size']} processes, resuming with {world}; "
+                            "resume with the same number of processes (the data shards and RNG streams depend on it)")
+    student.load_state_dict(saved["model"])
+    # DeepSpeed ZeRO takes the list of every rank's partition and picks its own.
+    optimizer.load_state_dict(saved["optimizer"])
+    ckpt.set_rng_state(saved["rng"][rank])
+    return saved["state"]
+
+
+def _run_manifest(cfg: RunConfig, inputs: Inputs, state: dict) -> dict:
+    ds = inputs.dataset
+    t = inputs.teacher
+    return {
+        "schema": RUN_SCHEMA, "dataset": str(cfg.data.path), "dataset_id_map_hash": ds.manifest.get("id_map_hash"),
+        "teacher": None if t is None else {"path": t.path, "source": t.source, "id_map_hash": t.id_map_hash,
+                                           "top_n": t.top_n, "emb_dim": t.emb_dim, "notes": t.notes},
+        "protocol": protocol_label(cfg), "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "status": state["stopped"] or "max epochs reached",
+    }

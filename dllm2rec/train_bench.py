@@ -1,0 +1,124 @@
+"""``bench train`` / ``bench eval``: training-epoch and evaluation time at Amazon-Games size.
+
+Input (synthetic, real schemas, cached under $DLLM2REC_CACHE or ~/.cache/dllm2rec/bench/):
+14,980 training rows (and 14,980 valid / test rows), 17,408 items, a teacher folder with top_n 50
+candidates per row and a 4096-wide float16 item-embedding table (random values: the cost depends
+on shapes only). Run: SASRec + DRO (alpha 0.1) + official RD (K 10) + ED, batch 256, through the
+REAL trainer (``dllm2rec.train.train``); the epoch time is the trainer's own per-epoch
+``train_seconds`` (training steps only); evaluation is ``evaluate_split`` on all 14,980 valid rows
+(full ranking). Reports the median over ``--repeats`` epochs / evaluations, writes markdown (and JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=14980, help="training rows (also valid and test rows)")
+    parser.add_argument("--items", type=int, default=17408, help="catalogue size N")
+    parser.add_argument("--emb-dim", type=int, default=4096, help="teacher embedding width (ED)")
+    parser.add_argument("--top-n", type=int, default=50, help="teacher candidates stored per row")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs / evaluations to take the median of")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--out", default="runs/bench/train_bench.md", help="markdown output (+ .json)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DLLM2REC_CACHE", Path.home() / ".cache" / "dllm2rec")) / "bench"
+
+
+def games_inputs(rows: int, items: int, emb_dim: int, top_n: int) -> tuple[Path, Path]:
+    """Synthetic dataset + teacher folders of the requested size (built once, then reused)."""
+    from dllm2rec.data.dataset import load_dataset
+    from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+
+    root = cache_dir() / f"games_r{rows}_n{items}"
+    ds, teacher = root / "dataset", root / f"teacher_d{emb_dim}_k{top_n}"
+    if not (ds / "manifest.json").is_file():
+        synthetic_dataset(ds, n_items=items, n_train=rows, n_valid=rows, n_test=rows)
+    if not (teacher / "manifest.json").is_file():
+        synthetic_teacher(teacher, load_dataset(ds), top_n=top_n, emb_dim=emb_dim, emb_dtype="float16")
+    return ds, teacher
+
+
+def bench_config(ds: Path, teacher: Path, out: Path, epochs: int):
+    from dllm2rec.config import load_config
+
+    return load_config(None, [
+        f"data.path={ds}", "model.name=sasrec", "loss.objective=bce", "loss.dro_alpha=0.1",
+        f"distill.teacher={teacher}", "distill.rd.enabled=true", "distill.rd.variant=official", "distill.rd.k=10",
+        "distill.ed.enabled=true", "train.batch_size=256", f"train.epochs={epochs}", "train.patience=0",
+        "train.progress=false", f"train.output_dir={out}", "train.checkpoint_every=1000",
+    ])
+
+
+def measure(args) -> dict:
+    import torch
+
+    from dllm2rec.distributed import make_accelerator
+    from dllm2rec.evaluate import evaluate_split
+    from dllm2rec.train import load_inputs, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    ds, teacher = games_inputs(args.rows, args.items, args.emb_dim, args.top_n)
+    prep = time.time() - t0
+    result = {"rows": args.rows, "items": args.items, "emb_dim": args.emb_dim, "top_n": args.top_n,
+              "threads": torch.get_num_threads(), "prepare_seconds": round(prep, 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(ds, teacher, Path(tmp) / "run", args.repeats)
+        if args.bench == "train":
+            train(cfg)
+            lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            epochs = [r["train_seconds"] for r in lines]
+            result.update(epoch_seconds=epochs, epoch_median=statistics.median(epochs),
+                          steps_per_epoch=-(-args.rows // 256))
+        accelerator = make_accelerator()
+        inputs = load_inputs(cfg)
+        student = inputs.student.eval()
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            evaluate_split(student, inputs.splits["valid"], accelerator, cfg.eval.ks, chunk=cfg.loss.item_chunk,
+                           batch_size=cfg.train.eval_batch_size, llm_table=inputs.llm_table)
+            times.append(time.perf_counter() - t)
+        result.update(eval_rows=len(inputs.splits["valid"]), eval_seconds=[round(x, 3) for x in times],
+                      eval_median=statistics.median(times))
+    return result
+
+
+def markdown(r: dict, argv: str) -> str:
+    lines = [f"## bench {'train' if 'epoch_median' in r else 'eval'}", "",
+             f"Command: `{argv}`  ", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"torch threads {r['threads']}, load average {os.getloadavg()[0]:.1f} at the end", "",
+             "| measurement | median (s) | runs (s) | target |", "|---|---|---|---|"]
+    if "epoch_median" in r:
+        lines.append(f"| one training epoch: {r['rows']:,} rows, {r['steps_per_epoch']} steps of 256, SASRec + DRO + "
+                     f"official RD (K 10 of {r['top_n']}) + ED ({r['emb_dim']}-wide) | {r['epoch_median']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['epoch_seconds'])} | <= 10 |")
+    lines.append(f"| full-ranking evaluation: {r['eval_rows']:,} rows x {r['items']:,} items | {r['eval_median']:.2f} | "
+                 f"{', '.join(f'{x:.2f}' for x in r['eval_seconds'])} | <= 2 |")
+    lines += ["", f"Synthetic input (built once, cached): {r['prepare_seconds']:.1f} s this run."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from dllm2rec.atomic import atomic_write_json, atomic_write_text
+
+    r = measure(args)
+    text = markdown(r, "python -m dllm2rec " + " ".join(sys.argv[1:]))
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text)
+        atomic_write_json(Path(args.out).with_suffix(".json"), r)
+    return 0

@@ -1,0 +1,3 @@
+from teacher.cli import run
+
+raise SystemExit(run())

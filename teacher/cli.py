@@ -1,0 +1,179 @@
+"""``python -m teacher <phase>``: BIGRec-style teacher inference, sharded and resumable.
+
+Phases (each skips shards already finished for the same config):
+  model fetch   download + convert SmolLM2 once, print the cached HF folder
+  generate      prompts -> recommended titles (vLLM or transformers; greedy or beam)
+  embed         base-model embeddings of item titles and generated texts (last token, raw)
+  ground        exact L2 top-n items per row (FAISS), gt distance, teacher rank of the target
+  merge         check shards and write the teacher folder (docs/ARCHITECTURE.md)
+  run           generate -> embed -> ground (-> merge when world == 1)
+  export-tocf   reference-code tocf files from a teacher folder
+  bench         vLLM vs transformers, FAISS vs torch; markdown table
+Shard selection: --rank/--world, else SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD_SIZE, else 0/1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from dllm2rec.errors import Dllm2RecError
+
+PHASES = ("generate", "embed", "ground")
+
+
+def _common(p: argparse.ArgumentParser, shards: bool = True) -> None:
+    p.add_argument("--config", default=None, help="teacher YAML (launch/configs/teacher_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generate.decoding=beam limit=64")
+    if shards:
+        p.add_argument("--rank", type=int, default=None, help="shard index (default: from SLURM/RANK env)")
+        p.add_argument("--world", type=int, default=None, help="number of shards (default: from env)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m teacher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="phase", metavar="<phase>")
+    m = sub.add_parser("model", help="model utilities: `model fetch`")
+    m.add_argument("action", choices=["fetch"])
+    m.add_argument("--cache", default=None, help="cache root (default $DLLM2REC_CACHE or ~/.cache/dllm2rec)")
+    for name in PHASES:
+        _common(sub.add_parser(name, help=f"{name} phase for this shard"))
+    _common(sub.add_parser("merge", help="merge finished shards into the teacher folder"), shards=False)
+    r = sub.add_parser("run", help="generate -> embed -> ground (-> merge) for this shard")
+    _common(r)
+    r.add_argument("--phases", default="generate,embed,ground,merge", help="comma-separated subset")
+    e = sub.add_parser("export-tocf", help="write reference tocf files from a teacher folder")
+    e.add_argument("--teacher", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--top-n", type=int, default=None)
+    b = sub.add_parser("bench", help="benchmark engines and grounding; markdown table")
+    _common(b, shards=False)
+    b.add_argument("--rows", type=int, default=64, help="prompts per measurement")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out", default="runs/bench/teacher_bench.md")
+    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground")
+    from teacher.finetune import add_finetune_parsers  # `finetune`, `merge-lora` (teacher/finetune.py)
+
+    add_finetune_parsers(sub)
+    return parser
+
+
+def _config(args):
+    from teacher.config import load_teacher_config
+
+    return load_teacher_config(args.config, args.overrides)
+
+
+def _phase(name: str, args) -> dict:
+    from teacher.shards import resolve_rank_world
+
+    cfg = _config(args)
+    rank, world = resolve_rank_world(args.rank, args.world)
+    module = __import__(f"teacher.{name}", fromlist=[f"{name}_phase"])
+    t0 = time.perf_counter()
+    stats = getattr(module, f"{name}_phase")(cfg, rank, world, progress=not args.quiet)
+    stats.update(phase=name, rank=rank, world=world, seconds=round(time.perf_counter() - t0, 2))
+    print(json.dumps(stats))
+    return stats
+
+
+def _run(args) -> int:
+    from teacher.shards import resolve_rank_world
+
+    cfg = _config(args)
+    rank, world = resolve_rank_world(args.rank, args.world)
+    phases = [p for p in args.phases.split(",") if p]
+    bad = [p for p in phases if p not in (*PHASES, "merge")]
+    if bad:
+        raise Dllm2RecError(f"--phases: unknown phase(s) {bad}")
+    for name in [p for p in PHASES if p in phases]:
+        if name == "ground" and world > 1 and not _items_ready(cfg):
+            # grounding needs every shard's item embeddings; the last shard to finish embedding
+            # grounds its rows at once, earlier ones on a rerun (or in a separate `ground` step)
+            print(f"shard {rank}/{world}: not every shard has embedded its items yet; skipping ground. "
+                  "Rerun `teacher run` (finished phases are skipped) or `teacher ground` once all shards have embedded.")
+            return 0
+        if cfg.phase_process == "subprocess":
+            # a fresh process per phase frees the previous engine's memory completely
+            cmd = [sys.executable, "-m", "teacher", name, "--rank", str(rank), "--world", str(world)]
+            cmd += (["--config", args.config] if args.config else []) + (["--quiet"] if args.quiet else [])
+            rc = subprocess.call(cmd + list(args.overrides))
+            if rc != 0:
+                print(f"error: phase {name} failed with exit status {rc}", file=sys.stderr)
+                return rc
+        else:
+            import gc
+
+            ns = argparse.Namespace(**{**vars(args), "rank": rank, "world": world})
+            _phase(name, ns)
+            gc.collect()  # drop the phase's engine before the next one starts
+    if "merge" in phases:
+        if world == 1:
+            _merge(args)
+        else:
+            print(f"shard {rank}/{world} done; run `python -m teacher merge` once every shard has finished")
+    return 0
+
+
+def _items_ready(cfg) -> bool:
+    from teacher.artifacts import load_teacher_data, work_dir
+    from teacher.embed import embed_fingerprint
+    from teacher.shards import ShardError, finished_parts
+
+    try:
+        finished_parts(work_dir(cfg), "embed", "items", embed_fingerprint(cfg, load_teacher_data(cfg.dataset, cfg.limit)))
+    except ShardError:
+        return False
+    return True
+
+
+def _merge(args) -> None:
+    from teacher.artifacts import merge
+
+    manifest = merge(_config(args))
+    print(json.dumps({"merged": manifest["splits"], "metrics": manifest["metrics"]}))
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (`--rank 0 limit=8`): argparse leaves those over
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    if args.phase is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.phase == "model":
+            from teacher.model import fetch_smollm2
+
+            print(fetch_smollm2(args.cache))
+        elif args.phase in PHASES:
+            _phase(args.phase, args)
+        elif args.phase == "merge":
+            _merge(args)
+        elif args.phase == "run":
+            return _run(args)
+        elif args.phase == "export-tocf":
+            from teacher.artifacts import export_tocf
+
+            print(export_tocf(args.teacher, args.out, args.top_n))
+        elif args.phase in ("finetune", "merge-lora"):
+            from teacher.finetune import run_phase
+
+            return run_phase(args)
+        elif args.phase == "bench":
+            from teacher.bench import run_bench
+
+            run_bench(_config(args), args.rows, args.repeats, args.out, [s for s in args.only.split(",") if s])
+    except Dllm2RecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,257 @@
+"""LoRA fine-tuning of the teacher (teacher/finetune.py, teacher/finetune_data.py).
+
+Fast tests use a tiny random LLaMA (2 layers, hidden 32) with a byte-level BPE tokenizer
+trained in the test, so the real loop (PEFT + Accelerate, saving, merging) runs in seconds.
+Tests marked ``llm`` use the real SmolLM2 tokenizer / model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dllm2rec.errors import ConfigError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLES = [f"Movie {chr(65 + i)}{chr(65 + i)} ({1990 + i})" for i in range(12)]
+
+
+def _split(n_rows: int, offset: int, L: int = 4):
+    rng = np.random.default_rng(offset)
+    N = len(TITLES)
+    hist = np.full((n_rows, L), N, dtype=np.int64)
+    lens = rng.integers(1, L + 1, n_rows)
+    targets = np.zeros(n_rows, dtype=np.int64)
+    for r in range(n_rows):
+        start = int(rng.integers(0, N))
+        items = [(start + j) % N for j in range(lens[r])]
+        hist[r, : lens[r]] = items
+        targets[r] = (items[-1] + 1) % N  # a learnable rule: the next title in the catalogue
+    return {"row_id": np.arange(offset, offset + n_rows, dtype=np.int64),
+            "user": np.array([f"u{offset + r}" for r in range(n_rows)], dtype=object),
+            "history": hist, "history_len": lens.astype(np.int64), "target": targets,
+            "timestamp": np.arange(offset, offset + n_rows, dtype=np.int64)}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from dllm2rec.data.dataset import DOMAINS, save_dataset
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    splits = {"train": _split(24, 0), "valid": _split(8, 100), "test": _split(8, 200)}
+    save_dataset(out, name="tiny", titles=TITLES, splits=splits, max_history=4,
+                 protocol={"timestamps": True}, domain=DOMAINS["movies"], sources=[])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tiny_dataset):
+    """A random 2-layer LLaMA + a byte-level BPE tokenizer trained on the fixture's prompts."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from dllm2rec.data.dataset import load_dataset
+    from teacher.finetune_data import split_texts
+
+    ds = load_dataset(tiny_dataset)
+    texts = [full for s in ("train", "valid") for _, full in split_texts(ds, s, range(8))]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=["<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>")
+    out = tmp_path_factory.mktemp("base") / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _cfg(tiny_dataset, tiny_base, out, **kw):
+    from teacher.finetune import load_finetune_config
+
+    base = dict(dataset=str(tiny_dataset), output_dir=str(out), base_model=str(tiny_base), sample_size=16,
+                valid_size=8, epochs=3, micro_batch_size=4, effective_batch_size=8, lr=2e-2,
+                warmup_ratio=0.0, max_length=128, progress=False, lora_dropout=0.0)
+    base.update(kw)
+    return load_finetune_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in base.items()])
+
+
+# ---------------------------------------------------------------- config: clear errors
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lora_r=0", "lora_r"), ("lr=-1e-4", "lr"), ("lora_dropout=1.5", "lora_dropout"),
+    ("effective_batch_size=100", "effective_batch_size"), ("mixed_precision=fp8", "mixed_precision"),
+    ("target_modules=[]", "target_modules"), ("epochs=two", "epochs"), ("lora_rank=8", "lora_rank"),
+])
+def test_config_rejects_bad_values(override, key):
+    from teacher.finetune import load_finetune_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_finetune_config(None, [override])
+
+
+def test_config_file_and_accumulation(tmp_path):
+    from teacher.finetune import accumulation_steps, load_finetune_config
+
+    cfg = load_finetune_config(ROOT / "launch/configs/teacher_finetune_ml100k.yaml", ["micro_batch_size=4"])
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (8, 16, 0.05, ["q_proj", "v_proj"])
+    paper = load_finetune_config(ROOT / "launch/configs/teacher_finetune_paper.yaml")
+    assert (paper.sample_size, paper.effective_batch_size, paper.train_on_inputs) == (1024, 128, True)
+    assert accumulation_steps(paper, 4) == 128 // (paper.micro_batch_size * 4)
+    with pytest.raises(ConfigError, match="processes"):
+        accumulation_steps(load_finetune_config(None, ["micro_batch_size=8", "effective_batch_size=24"]), 2)
+    with pytest.raises(ConfigError, match="not found"):
+        load_finetune_config(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- data: sampling, masking, padding
+
+
+def test_sample_rows_is_seeded_distinct_and_bounded():
+    from teacher.finetune_data import sample_rows
+
+    a, b, c = sample_rows(1000, 64, 3), sample_rows(1000, 64, 3), sample_rows(1000, 64, 4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(np.unique(a)) == 64 and np.all(np.diff(a) > 0) and a.max() < 1000
+    assert np.array_equal(sample_rows(10, 64, 0), np.arange(10))
+
+
+@pytest.mark.llm
+def test_label_mask_covers_exactly_the_prompt_tokens_smollm2():
+    from teacher import prompts
+    from teacher.finetune_data import IGNORE_INDEX, encode_example
+    from teacher.model import fetch_smollm2, load_tokenizer
+
+    tok = load_tokenizer(fetch_smollm2(), padding_side="right")
+    history, target = ["Toy Story (1995)", "Heat (1995)"], "Fargo (1996)"
+    prompt = prompts.build_prompt(history, prompts.MOVIES)
+    full = prompts.build_training_text(history, target, prompts.MOVIES)
+    masked = encode_example(tok, prompt, full, 512, train_on_inputs=False)
+    open_ = encode_example(tok, prompt, full, 512, train_on_inputs=True)
+    ids, labels, n = masked["input_ids"], masked["labels"], masked["n_prompt"]
+    assert open_["labels"] == open_["input_ids"] == ids
+    assert tok.decode(ids[:n]) == prompt  # the masked tokens spell the prompt, nothing more
+    assert tok.decode(ids[n:]) == f'"{target}"' + tok.eos_token  # the trained ones: answer + EOS
+    assert labels[:n] == [IGNORE_INDEX] * n and labels[n:] == ids[n:]
+    assert n == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    cut = encode_example(tok, prompt, full, 16, train_on_inputs=True)
+    assert len(cut["input_ids"]) == len(cut["labels"]) == 16
+
+
+def test_collate_pads_with_ignore_and_keeps_eos_labels():
+    from teacher.finetune_data import IGNORE_INDEX, collate
+
+    eos = 7  # pad id == eos id, as in SmolLM2
+    batch = collate([{"input_ids": [1, 2, eos], "labels": [-100, 2, eos], "n_prompt": 1},
+                     {"input_ids": [3, eos], "labels": [3, eos], "n_prompt": 1}], pad_id=eos)
+    assert batch["input_ids"].tolist() == [[1, 2, eos], [3, eos, eos]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, eos], [3, eos, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["n_prompt"].tolist() == [1, 1]
+
+
+# ---------------------------------------------------------------- the loop on a tiny model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_finetune_lowers_loss_saves_reloads_merges_and_skips(tiny_dataset, tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dllm2rec.atomic import read_manifest
+    from teacher.finetune import SCHEMA, finetune, merge_lora
+
+    out = tmp_path / "lora"
+    cfg = _cfg(tiny_dataset, tiny_base, out)
+    finetune(cfg)
+    m = read_manifest(out, SCHEMA)
+    assert m["valid_loss"][m["best_epoch"]] < m["valid_loss"][0] - 0.05, m["valid_loss"]
+    assert m["train_rows"] == 16 and m["valid_rows"] == 8 and m["accumulation_steps"] == 2
+    assert m["optimizer_steps"] >= 2 and len(m["valid_loss"]) >= 2
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
+
+    # Reload base + adapter; the merged folder must give the same logits.
+    ids = torch.randint(0, 300, (2, 20))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    base_logits = _logits(base, ids)
+    with_adapter = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    lora_logits = _logits(with_adapter, ids)
+    assert not torch.allclose(lora_logits, base_logits, atol=1e-4)  # the adapter does something
+    merged_dir = merge_lora(out, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged, ids), lora_logits, atol=1e-4, rtol=1e-4)
+    assert read_manifest(merged_dir)["schema"] == "dllm2rec.teacher_merged/1"
+    assert (merged_dir / "tokenizer.json").is_file()
+
+    # Resume-safe: a finished folder is skipped; a different config is refused.
+    before = (out / "manifest.json").stat().st_mtime_ns
+    finetune(cfg)
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="different config"):
+        finetune(_cfg(tiny_dataset, tiny_base, out, lr=1e-3))
+
+
+def test_answer_only_training_and_cli(tiny_dataset, tiny_base, tmp_path):
+    from teacher.cli import run
+
+    out = tmp_path / "lora_answer"
+    rc = run(["finetune", f"dataset={tiny_dataset}", f"output_dir={out}", f"base_model={tiny_base}",
+              "sample_size=8", "valid_size=4", "epochs=2", "micro_batch_size=4", "effective_batch_size=4",
+              "lr=2e-2", "train_on_inputs=false", "progress=false", "max_length=128"])
+    assert rc == 0
+    m = json.loads((out / "manifest.json").read_text())
+    # With the prompt masked, the trained loss IS the answer-token loss.
+    assert m["valid_loss"] == pytest.approx(m["valid_answer_loss"])
+    assert m["valid_loss"][m["best_epoch"]] < m["valid_loss"][0]
+    assert run(["merge-lora", "--adapter", str(out), "--output", str(tmp_path / "m"), "--dtype", "bfloat16"]) == 0
+    assert run(["finetune", f"dataset={tmp_path / 'nope'}", f"output_dir={tmp_path / 'x'}",
+                f"base_model={tiny_base}"]) == 2  # missing dataset: clear error, exit status 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_over_gloo(tiny_dataset, tiny_base, tmp_path):
+    """accelerate launch --multi_gpu with ACCELERATE_USE_CPU=1: two real ranks over gloo."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "teacher", "finetune", f"dataset={tiny_dataset}", f"output_dir={out}", f"base_model={tiny_base}",
+           "sample_size=16", "valid_size=8", "epochs=2", "micro_batch_size=4", "effective_batch_size=8",
+           "lr=2e-2", "progress=false", "max_length=128"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["accumulation_steps"] == 1
+    assert m["valid_loss"][m["best_epoch"]] < m["valid_loss"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_smollm2_few_steps_lowers_validation_loss(tiny_dataset, tmp_path):
+    from teacher.finetune import finetune, load_finetune_config
+
+    out = tmp_path / "smollm2"
+    cfg = load_finetune_config(None, [f"dataset={tiny_dataset}", f"output_dir={out}", "base_model=smollm2",
+                                      "sample_size=8", "valid_size=4", "epochs=2", "micro_batch_size=4",
+                                      "effective_batch_size=4", "lr=1e-3", "progress=false", "threads=2"])
+    finetune(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["trainable_parameters"] == 460_800  # r=8 on q_proj + v_proj of SmolLM2-135M
+    assert m["valid_loss"][m["best_epoch"]] < m["valid_loss"][0]
