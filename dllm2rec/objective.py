@@ -66,23 +66,29 @@ class StepObjective:
             terms["sampled_softmax"] = softmax.sampled_softmax_loss(
                 h, weight, bias, batch.target, cfg.loss.num_sampled, self.log_q.to(h.device), generator)
         alpha = cfg.loss.dro_alpha
-        dro_cand = None
+        dro_cand = top = None
         if alpha > 0:
             # One catalogue pass serves the target and (official RD) every teacher candidate.
             official = self.rd_k and cfg.distill.rd.variant == "official" and obj == "bce"
             cols = torch.cat([batch.target[:, None], batch.cand], 1) if official else batch.target[:, None]
-            dro = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk)
+            # With RD on, the same score pass also yields the student's top-k (consistency weight).
+            out = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk,
+                                  topk=self.rd_k)
+            dro, top = out if self.rd_k else (out, None)
             terms["dro"] = alpha * dro[:, 0].mean()
             dro_cand = dro[:, 1:] if official else None
         if self.rd_k:
-            terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand))
+            terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand, top))
         return terms
 
-    def _rd(self, h, weight, bias, batch: Batch, neg_logits, dro_cand) -> dict[str, torch.Tensor]:
+    def _rd(self, h, weight, bias, batch: Batch, neg_logits, dro_cand, top) -> dict[str, torch.Tensor]:
         cfg, rd = self.cfg, self.cfg.distill.rd
         chunk = cfg.loss.item_chunk
         with torch.no_grad():
-            member = distill.student_topk_membership(h.detach(), weight.detach(), bias.detach(), batch.cand, rd.k, chunk)
+            if top is not None:
+                member = distill.membership(batch.cand, top)
+            else:
+                member = distill.student_topk_membership(h.detach(), weight.detach(), bias.detach(), batch.cand, rd.k, chunk)
         w = distill.rd_weights(batch.cand_dist, member, batch.gt_dist, rd)
         if cfg.loss.objective == "ce":
             # Softmax students: the teacher candidates smooth the one-hot target (see softmax.soft_target_ce).

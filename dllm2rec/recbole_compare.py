@@ -126,6 +126,9 @@ def run_one(py: Path, data_path: Path, rb_name: str, model: str, seed: int, run_
 
 def finish_run(raw: dict, run_dir: Path, ds) -> dict:
     """Cross-check RecBole's test metrics with ours from the saved ranks; write result.json."""
+    if raw["rows"] != ds.manifest["counts"]:
+        raise DataError(run_dir / "runner.json", f"RecBole used rows {raw['rows']}, the dataset has "
+                                                 f"{ds.manifest['counts']}: it filtered or re-split them")
     where = run_dir / "test_ranks.npy"
     row_rank = np.load(where, allow_pickle=False)
     ranks = check_ranks(row_rank, ds.splits["test"]["row_id"], int(ds.manifest["n_items"]), where)

@@ -98,6 +98,15 @@ def test_check_ranks_reorders_and_rejects_foreign_rows():
         check_ranks(rr, np.array([5, 6, 7]), 5, "t")
 
 
+def test_finish_run_refuses_rows_recbole_filtered(tiny, tmp_path):
+    from dllm2rec.recbole_compare import finish_run
+
+    raw = {"model": "SASRec", "seed": 0, "rows": {"train": 39, "valid": 8, "test": 9}, "test": {}}
+    with pytest.raises(DataError, match="filtered or re-split"):
+        finish_run(raw, tmp_path, tiny)
+    assert not (tmp_path / "result.json").exists()
+
+
 def test_missing_recbole_venv_is_a_clear_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("RECBOLE_PYTHON", raising=False)
     with pytest.raises(ConfigError, match="launch/recbole_env.sh"):

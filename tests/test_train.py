@@ -106,3 +106,11 @@ def test_resume_mid_run_matches_uninterrupted(folders, tmp_path):
     for x, y in zip(a, b):
         assert x["losses"] == pytest.approx(y["losses"], rel=1e-5)
         assert x["valid"] == pytest.approx(y["valid"], rel=1e-5)
+
+
+def test_evaluate_command_reproduces_best_test_metrics(folders, tmp_path):
+    out = tmp_path / "ev"
+    assert _train(folders, out, "train.epochs=2") == 0
+    assert main(["evaluate", "--run", str(out), "--split", "test", "--out", str(tmp_path / "m.json")]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert got == pytest.approx(json.loads((out / "results.json").read_text())["test"], rel=1e-6)
