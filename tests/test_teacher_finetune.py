@@ -226,13 +226,19 @@ def test_answer_only_training_and_cli(tiny_dataset, tiny_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_over_gloo(tiny_dataset, tiny_base, tmp_path):
-    """accelerate launch --multi_gpu with ACCELERATE_USE_CPU=1: two real ranks over gloo."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "teacher", "finetune", f"dataset={tiny_dataset}", f"output_dir={out}", f"base_model={tiny_base}",
+@pytest.mark.parametrize("mode", ["ddp", "deepspeed"])
+def test_two_process_ddp_over_gloo(tiny_dataset, tiny_base, tmp_path, mode):
+    """Two real ranks over gloo: DDP (``--multi_gpu`` + ACCELERATE_USE_CPU=1) or DeepSpeed ZeRO-2."""
+    out = tmp_path / mode
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if mode == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+        topo = ["--multi_gpu"]
+    else:  # DeepSpeed picks its CPU accelerator itself; --cpu would be refused
+        topo = ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "launch/deepspeed_teacher_zero2.json")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *topo, "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29533" if mode == "ddp" else "29534", "-m", "teacher", "finetune", f"dataset={tiny_dataset}", f"output_dir={out}", f"base_model={tiny_base}",
            "sample_size=16", "valid_size=8", "epochs=2", "micro_batch_size=4", "effective_batch_size=8",
            "lr=2e-2", "progress=false", "max_length=128"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
