@@ -99,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
         py, "-m", "teacher", "finetune", "--config", "launch/configs/teacher_finetune_ml100k.yaml",
         f"dataset={data}", f"output_dir={lora}", f"sample_size={args.finetune_prompts}", f"seed={args.seed}",
     ]], logs / "finetune.log", timings)
-    limits = f"limits={{train: {args.teacher_train_rows}, valid: {args.teacher_eval_rows}, test: {args.teacher_eval_rows}}}"
+    limits = [f"limits.train={args.teacher_train_rows}", f"limits.valid={args.teacher_eval_rows}",
+              f"limits.test={args.teacher_eval_rows}"]
     _stage("teacher", _done(teacher), [[
         py, "-m", "teacher", "run", "--config", "launch/configs/teacher_ml100k.yaml",
-        f"dataset={data}", f"output_dir={teacher}", f"model.adapter={lora}", limits,
+        f"dataset={data}", f"output_dir={teacher}", f"model.adapter={lora}", *limits,
     ]], logs / "teacher.log", timings)
 
     runs: dict[str, dict[str, Path]] = {}

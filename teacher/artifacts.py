@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+from teacher.config import split_limits
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +40,16 @@ class TeacherData:
         return len(self.titles)
 
 
-def load_teacher_data(path: str | Path, limit: int = 0) -> TeacherData:
+def load_teacher_data(path: str | Path, limit: int | dict[str, int] = 0) -> TeacherData:
+    """``limit``: rows kept per split (one int for all, or ``{split: n}``; 0 = all)."""
     from dllm2rec.data.dataset import load_dataset
 
     ds = load_dataset(path)
     domain = Domain.from_manifest(ds.manifest, source=f"{path}/manifest.json")
     splits = ds.splits
-    if limit:
-        splits = {s: {k: v[:limit] for k, v in cols.items()} for s, cols in splits.items()}
+    limits = limit if isinstance(limit, dict) else {s: limit for s in splits}
+    splits = {s: ({k: v[: limits[s]] for k, v in cols.items()} if limits.get(s) else cols)
+              for s, cols in splits.items()}
     return TeacherData(Path(path), ds.titles, splits, domain, ds.id_map_hash, ds.manifest)
 
 
@@ -133,7 +137,7 @@ def merge(cfg) -> dict:
     from teacher.generate import generate_fingerprint
     from teacher.ground import ground_fingerprint, metrics_from_ranks
 
-    data = load_teacher_data(cfg.dataset, cfg.limit)
+    data = load_teacher_data(cfg.dataset, split_limits(cfg))
     work = work_dir(cfg)
     out = Path(cfg.output_dir)
     # readers must never pair a new rank file with an old complete manifest
@@ -176,7 +180,7 @@ def merge(cfg) -> dict:
         "id_map_hash": data.id_map_hash,
         "dataset": str(data.path),
         "splits": counts,
-        "limit": cfg.limit,
+        "limit": split_limits(cfg),
         "metrics": metrics,
     }
     write_manifest(out, {"schema": SCHEMA, **manifest})

@@ -13,6 +13,8 @@ Shard selection: --rank/--world, else SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD
 """
 from __future__ import annotations
 
+from teacher.config import split_limits
+
 import argparse
 import json
 import subprocess
@@ -125,7 +127,7 @@ def _items_ready(cfg) -> bool:
     from teacher.shards import ShardError, finished_parts
 
     try:
-        finished_parts(work_dir(cfg), "embed", "items", embed_fingerprint(cfg, load_teacher_data(cfg.dataset, cfg.limit)))
+        finished_parts(work_dir(cfg), "embed", "items", embed_fingerprint(cfg, load_teacher_data(cfg.dataset, split_limits(cfg))))
     except ShardError:
         return False
     return True

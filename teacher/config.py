@@ -55,11 +55,22 @@ class GroundConfig:
 
 
 @dataclass
+class SplitLimits:
+    """Rows per split the teacher processes (0 = fall back to ``limit``). The first rows of a
+    split in its time order are taken, so a subset is a documented, reproducible prefix."""
+
+    train: int = 0
+    valid: int = 0
+    test: int = 0
+
+
+@dataclass
 class TeacherConfig:
     dataset: str = "runs/data/ml-100k"  # dataset folder (schema dllm2rec.dataset/1)
     output_dir: str = "runs/teacher/ml-100k"  # final teacher folder; shards under <output_dir>/work
     splits: list[str] = field(default_factory=lambda: ["train", "valid", "test"])
     limit: int = 0  # > 0: only the first `limit` rows of each split (smoke tests)
+    limits: SplitLimits = field(default_factory=SplitLimits)  # per-split override of `limit`
     seed: int = 0
     phase_process: str = "subprocess"  # `teacher run`: subprocess | inprocess (engines per phase)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -97,7 +108,7 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {_get(cfg, key)!r}")
-    for key in ("limit", "generate.threads", "embed.threads"):
+    for key in ("limit", "limits.train", "limits.valid", "limits.test", "generate.threads", "embed.threads"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
     if not 0.0 <= cfg.ground.min_recall <= 1.0:
@@ -108,6 +119,11 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
     if not cfg.ground.ks or any(k <= 0 for k in cfg.ground.ks):
         raise ConfigError(f"{source}: 'ground.ks' must be a non-empty list of positive integers")
     return cfg
+
+
+def split_limits(cfg: TeacherConfig) -> dict[str, int]:
+    """Effective row limit per split (0 = all rows)."""
+    return {s: getattr(cfg.limits, s) or cfg.limit for s in ("train", "valid", "test")}
 
 
 def load_teacher_config(path: str | Path | None, overrides: list[str] | None = None) -> TeacherConfig:

@@ -15,6 +15,8 @@ for this shard of every split's generated texts (needs the same shard's generate
 """
 from __future__ import annotations
 
+from teacher.config import split_limits
+
 import time
 from typing import Sequence
 
@@ -97,7 +99,7 @@ def embed_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     from teacher.generate import generate_fingerprint
     from teacher.shards import ShardError, is_done, mark_done, part, shard_slice
 
-    data = load_teacher_data(cfg.dataset, cfg.limit)
+    data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp, gfp = embed_fingerprint(cfg, data), generate_fingerprint(cfg, data)
     work = work_dir(cfg)
     todo = [s for s in ["items", *cfg.splits] if not is_done(part(work, "embed", s, rank, world), fp)]

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from teacher.config import split_limits
+
 import time
 from typing import Sequence
 
@@ -136,7 +138,7 @@ def generate_fingerprint(cfg, data) -> str:
     from teacher.shards import fingerprint
 
     return fingerprint("generate", cfg.model.base, cfg.model.adapter, cfg.model.dtype, vars(cfg.generate),
-                       data.id_map_hash, data.domain, cfg.limit)
+                       data.id_map_hash, data.domain, split_limits(cfg))
 
 
 def generate_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
@@ -146,7 +148,7 @@ def generate_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     from teacher.artifacts import load_teacher_data, split_prompts, work_dir, write_parquet
     from teacher.shards import is_done, mark_done, part, shard_slice
 
-    data = load_teacher_data(cfg.dataset, cfg.limit)
+    data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp = generate_fingerprint(cfg, data)
     work = work_dir(cfg)
     todo = [s for s in cfg.splits if not is_done(part(work, "generate", s, rank, world), fp)]

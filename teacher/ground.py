@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+from teacher.config import split_limits
+
 import math
 import time
 
@@ -140,7 +142,7 @@ def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     from teacher.embed import embed_fingerprint
     from teacher.shards import ShardError, is_done, mark_done, part
 
-    data = load_teacher_data(cfg.dataset, cfg.limit)
+    data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp, efp = ground_fingerprint(cfg, data), embed_fingerprint(cfg, data)
     work = work_dir(cfg)
     todo = [s for s in cfg.splits if not is_done(part(work, "ground", s, rank, world), fp)]
