@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     _stage("finetune", _done(lora), [[
         py, "-m", "teacher", "finetune", "--config", "launch/configs/teacher_finetune_ml100k.yaml",
         f"dataset={data}", f"output_dir={lora}", f"sample_size={args.finetune_prompts}", f"seed={args.seed}",
+        # CPU-sized: one pass, loss on the answer only (the prompt-echo failure mode of a few
+        # steps on prompt+answer is documented in RESULTS.md), micro-batch = effective batch.
+        "epochs=1", "train_on_inputs=false", "lr=5e-4", "micro_batch_size=8", "effective_batch_size=8",
     ]], logs / "finetune.log", timings)
     limits = [f"limits.train={args.teacher_train_rows}", f"limits.valid={args.teacher_eval_rows}",
               f"limits.test={args.teacher_eval_rows}"]
