@@ -101,12 +101,13 @@ def run(args: argparse.Namespace) -> int:
         # CPU-sized: one pass, loss on the answer only (the prompt-echo failure mode of a few
         # steps on prompt+answer is documented in RESULTS.md), micro-batch = effective batch.
         "epochs=1", "train_on_inputs=false", "lr=5e-4", "micro_batch_size=8", "effective_batch_size=8",
+        "threads=2",
     ]], logs / "finetune.log", timings)
     limits = [f"limits.train={args.teacher_train_rows}", f"limits.valid={args.teacher_eval_rows}",
               f"limits.test={args.teacher_eval_rows}"]
     _stage("teacher", _done(teacher), [[
         py, "-m", "teacher", "run", "--config", "launch/configs/teacher_ml100k.yaml",
-        f"dataset={data}", f"output_dir={teacher}", f"model.adapter={lora}", *limits,
+        f"dataset={data}", f"output_dir={teacher}", f"model.adapter={lora / 'adapter'}", *limits,
     ]], logs / "teacher.log", timings)
 
     runs: dict[str, dict[str, Path]] = {}
