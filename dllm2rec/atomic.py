@@ -63,17 +63,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` whole.
 
     A previous ``path`` survives until the new folder is complete; a crash leaves only a
-    ``.<name>.*.tmp`` folder behind, which the next run removes.
+    ``.<name>.*.tmp`` folder behind, which the next run removes. A crash between the two renames
+    of the swap leaves the previous folder at ``.<name>.old.tmp``: ``restore_interrupted_swap``
+    (called here and by ``read_manifest``) puts it back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_swap(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = _old_name(path)
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old.tmp")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -82,7 +85,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        restore_interrupted_swap(path)  # the swap failed between its two renames: put the old folder back
         raise
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old.tmp")
+
+
+def restore_interrupted_swap(path: str | Path) -> bool:
+    """Undo a folder swap of ``atomic_dir`` cut between its two renames (crash, SIGKILL, I/O error).
+
+    Then ``path`` is missing and the previous complete folder sits at ``.<name>.old.tmp``: rename
+    it back, so the previous good state is what readers and the next writer see. Returns True
+    when it restored something.
+    """
+    path = Path(path)
+    old = _old_name(path)
+    if path.exists() or not old.is_dir():
+        return False
+    try:
+        os.replace(old, path)
+    except FileNotFoundError:  # another process restored it first
+        return path.exists()
+    return True
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:
@@ -93,7 +119,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> None:
 def read_manifest(folder: str | Path, schema: str | None = None) -> dict:
     """Read and check ``folder/manifest.json``; ``schema`` must match its ``schema`` field."""
     p = Path(folder) / MANIFEST
-    if not p.is_file():
+    if not p.is_file() and not restore_interrupted_swap(folder):
         raise ManifestError(f"{folder}: no {MANIFEST}; the folder is incomplete or not an artefact")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -143,6 +143,9 @@ def load_study(path: str | Path, out: str | None = None) -> Study:
         bad = [n for n in names if n not in table]
         if bad:
             raise ConfigError(f"{p}: unknown {key} {bad}; known: {sorted(table)} (add more under define.{key})")
+        for n in names:  # each name becomes a folder under 'out': it must not escape it
+            if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n or "\\" in n:
+                raise ConfigError(f"{p}: {key} name {n!r} must be a plain folder name (no '/', '\\', '..')")
         chosen[key] = {n: table[n] for n in names}
     if "none" not in chosen["variants"]:
         print(f"warning: {p}: no 'none' variant, so no gain over the plain student can be computed", file=sys.stderr)

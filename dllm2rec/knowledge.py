@@ -186,6 +186,10 @@ def _load_project(folder: Path, dataset) -> TeacherKnowledge:
     if "embeddings" not in tensors:
         raise KnowledgeError(emb_file, f"no tensor named 'embeddings' (have {sorted(tensors)})")
     emb = _check_embeddings(str(emb_file), tensors["embeddings"], n_items)
+    if manifest.get("emb_dim") is not None and int(manifest["emb_dim"]) != emb.shape[1]:
+        raise KnowledgeError(emb_file, f"embedding width {emb.shape[1]} != manifest emb_dim {manifest['emb_dim']}")
+    if manifest.get("top_n") is not None and int(manifest["top_n"]) != ids.shape[1]:
+        raise KnowledgeError(f, f"topk_ids width {ids.shape[1]} != manifest top_n {manifest['top_n']}")
     notes = [] if gt is not None else ["rank_train.parquet has no gt_dist: the paper RD variant is unavailable"]
     return TeacherKnowledge("project", str(folder), ids[perm], dist[perm], gt, emb, want, notes)
 

@@ -59,6 +59,9 @@ def export_recbole(ds, folder: str | Path, name: str | None = None) -> dict:
     """
     folder = Path(folder)
     name = name or folder.name
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        # the name comes from the dataset manifest: it must not make a file escape the folder
+        raise DataError(folder, f"dataset name {name!r} is not a plain file name (no '/', '\\', '..')")
     n_items = int(ds.manifest["n_items"])
     counts = {}
     with atomic_dir(folder) as tmp:

@@ -144,6 +144,9 @@ def load_student(run_dir: str | Path, dataset: str | Path | None = None, teacher
         from dllm2rec.knowledge import load_teacher
 
         tk = load_teacher(_resolve(str(teacher or cfg.distill.teacher), run_dir, "teacher", "--teacher"), ds)
+        if tk.emb_dim != llm_dim:
+            raise ManifestError(f"{tk.path}: teacher embeddings are {tk.emb_dim} wide but the student {wfile} "
+                                f"was trained with {llm_dim}-wide ones: wrong teacher for this run")
         proj = project_llm_table(model, tk.embeddings.to(torch.float32))
         ed_table = torch.cat([proj, torch.zeros(1, proj.shape[1], dtype=proj.dtype)]).contiguous()
     return Student(model=model, titles=list(ds.titles), max_len=cfg.model.max_len, ed_table=ed_table,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dllm2rec.atomic import atomic_write_json, atomic_write_text, write_manifest
+from dllm2rec.atomic import atomic_write_json, atomic_write_text, restore_interrupted_swap, write_manifest
 from dllm2rec.batches import SplitTensors, epoch_order, global_batch, make_batch, split_tensors, step_seed, steps_per_epoch
 from dllm2rec.config import RunConfig, config_to_dict, load_config
 from dllm2rec.errors import ConfigError, TrainingError
@@ -119,6 +119,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {world} processes")
     inputs = load_inputs(cfg)
     student, splits = inputs.student, inputs.splits
+    n_rows = len(splits["train"])
+    n_steps = steps_per_epoch(n_rows, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
+    if n_steps == 0:  # refused before anything is written to the run folder
+        raise ConfigError(f"{cfg.data.path}: {n_rows} training rows give no batch")
     objective = StepObjective(cfg, inputs.dataset.n_items, splits["train"].target, inputs.teacher)
     encoder = Encoder(student)
     optimizer = make_optimizer(encoder, cfg)
@@ -129,6 +133,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     config_text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     state = fresh_state()
     last_dir = out / "checkpoints" / "last"
+    if resume:
+        if main:  # a checkpoint swap cut by a crash between its two renames: the previous one comes back
+            restore_interrupted_swap(last_dir)
+        barrier(accelerator)
     if resume and (last_dir / "manifest.json").is_file():
         state = _restore(last_dir, accelerator, student, optimizer, world, rank)
     if main:
@@ -136,10 +144,6 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         atomic_write_text(out / "config.yaml", config_text)
         _write_metrics(out, state["history"])
     writer = _tensorboard(out) if main else None
-    n_rows = len(splits["train"])
-    n_steps = steps_per_epoch(n_rows, cfg.train.batch_size, world, cfg.train.max_steps_per_epoch)
-    if n_steps == 0:
-        raise ConfigError(f"{cfg.data.path}: {n_rows} training rows give no batch")
     eval_kw = dict(chunk=cfg.loss.item_chunk, batch_size=cfg.train.eval_batch_size, mask_history=cfg.eval.mask_history,
                    llm_table=objective.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed)
     every = cfg.train.checkpoint_every_steps

@@ -132,3 +132,57 @@ def test_property_random_logs(entries, L):
         assert va.max() <= te.min()
     again = _all(build_rows(log, titles, ProtocolParams(max_history=L)))
     assert all(np.array_equal(rows[k], again[k]) for k in rows)
+
+
+numeric_log = st.lists(
+    st.tuples(st.sampled_from(["7", "30", "100", "2"]), st.integers(1, 40).map(str), st.integers(0, 9)),
+    max_size=80)
+
+
+@settings(max_examples=60, deadline=None)
+@given(numeric_log, st.integers(1, 5), st.data())
+def test_property_invariants_checked_against_the_raw_log(entries, L, data):
+    """Invariants asserted directly against the raw log (not against a second implementation):
+    each row is a window of its user's time-ordered log ending at the target, history strictly
+    earlier in that order; ids dense and numeric-sorted; splits disjoint, time-ordered, row ids
+    = global time order; any min_history / fractions; re-running gives identical output."""
+    m = data.draw(st.integers(1, L))
+    tf = data.draw(st.sampled_from([0.5, 0.6, 0.8, 0.9]))
+    vf = data.draw(st.sampled_from([0.0, 0.05, 0.1]))
+    params = ProtocolParams(max_history=L, min_history=m, train_frac=tf, valid_frac=vf)
+    titles = {str(i): f"t{i}" for i in range(1, 41) if i % 7}  # multiples of 7 are untitled -> dropped
+    log = _log(entries)
+    prep = build_rows(log, titles, params)
+    rows = _all(prep)
+    N = prep.n_items
+    kept = [(u, i, t, k) for k, (u, i, t) in enumerate(entries) if i in titles]
+    # dense ids: exactly the titled items of the log, numerically sorted raw ids, 0..N-1
+    assert prep.raw_items == sorted({i for _, i, _, _ in kept}, key=int)
+    assert prep.titles == [titles[r] for r in prep.raw_items]
+    used = np.concatenate([rows["target"], rows["history"][rows["history"] < N]]) if len(rows["target"]) else np.zeros(0)
+    assert ((used >= 0) & (used < N)).all()
+    # every row is a window of the user's stable time order; history precedes the target
+    seq = {}
+    for u, i, t, k in sorted(kept, key=lambda x: (x[0], x[2], x[3])):
+        seq.setdefault(u, []).append((prep.raw_items.index(i), t))
+    seen = set()
+    for u, h, n, tgt, ts in zip(rows["user"], rows["history"], rows["history_len"], rows["target"], rows["timestamp"]):
+        s = seq[u]
+        pos = [p for p in range(len(s)) if s[p] == (tgt, ts) and p >= max(m, min(L, len(s) - 1))
+               and [x for x, _ in s[max(0, p - L):p]] == h[:n].tolist() and (u, p) not in seen]
+        assert pos, (u, h, n, tgt)
+        p = pos[0]
+        seen.add((u, p))
+        assert n == min(p, L) and all(t0 <= ts for _, t0 in s[p - n:p])
+        assert (h[n:] == N).all()
+    # all eligible positions became rows (nothing lost)
+    assert len(seen) == sum(max(0, len(s) - max(m, min(L, len(s) - 1))) for s in seq.values())
+    # splits: exact floors, disjoint row ids = global time order, time-ordered
+    R = len(rows["target"])
+    assert rows["row_id"].tolist() == list(range(R))
+    assert (np.diff(rows["timestamp"]) >= 0).all()
+    b1, b2 = split_bounds(R, params)
+    assert [len(prep.splits[s]["target"]) for s in ("train", "valid", "test")] == [b1, b2 - b1, R - b2]
+    again = build_rows(log, titles, params)
+    assert again.titles == prep.titles and again.raw_items == prep.raw_items
+    assert all(np.array_equal(np.asarray(rows[k]), np.asarray(_all(again)[k])) for k in rows)

@@ -31,6 +31,7 @@ import ast
 import gzip
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -64,7 +65,7 @@ def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
     with _open_bytes(path) as fh, tqdm(total=None if path.suffix == ".gz" else path.stat().st_size,
                                        unit="B", unit_scale=True, desc=path.name, leave=False,
                                        disable=None if big else True) as bar:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(_raw_lines(fh, path), start=1):
             bar.update(len(raw))
             try:
                 line = raw.decode(encoding)
@@ -73,6 +74,18 @@ def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
             line = line.rstrip("\r\n")
             if line.strip():
                 yield lineno, line
+
+
+def _raw_lines(fh, path: Path) -> Iterator[bytes]:
+    """Lines of ``fh``; a corrupt or truncated ``.gz`` becomes a DataError naming the file and line."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(fh, start=1):
+            yield raw
+    except (OSError, EOFError, zlib.error) as exc:
+        if path.suffix != ".gz":
+            raise
+        raise DataError(path, f"corrupt or truncated gzip data: {exc}", row=lineno + 1) from None
 
 
 def _file_encoding(path: Path) -> str:
