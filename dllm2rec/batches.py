@@ -88,6 +88,7 @@ class Batch:
     cand: torch.Tensor | None = None
     cand_dist: torch.Tensor | None = None
     gt_dist: torch.Tensor | None = None
+    cand_mask: torch.Tensor | None = None  # Float [B]: 1 = row has teacher output (partial coverage)
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -118,8 +119,10 @@ def make_batch(data: SplitTensors, rows: np.ndarray | torch.Tensor, teacher=None
         b.cand_dist = torch.from_numpy(teacher.topk_dist[np_idx, :k])
         if teacher.gt_dist is not None:
             b.gt_dist = torch.from_numpy(teacher.gt_dist[np_idx])
+        if getattr(teacher, "covered", None) is not None:
+            b.cand_mask = torch.from_numpy(teacher.covered[np_idx].astype(np.float32))
     if str(device) != "cpu":
-        for name in ("rows", "history", "lengths", "target", "llm_hist", "cand", "cand_dist", "gt_dist"):
+        for name in ("rows", "history", "lengths", "target", "llm_hist", "cand", "cand_dist", "gt_dist", "cand_mask"):
             v = getattr(b, name)
             if v is not None:
                 setattr(b, name, v.to(device, non_blocking=True))

@@ -58,6 +58,9 @@ class TeacherKnowledge:
     embeddings: torch.Tensor
     id_map_hash: str | None
     notes: list[str] = field(default_factory=list)
+    # bool [R_train] when the teacher covers only a subset of training rows (distill.min_coverage
+    # < 1); uncovered rows hold placeholder candidates and must get zero RD weight.
+    covered: np.ndarray | None = None
 
     @property
     def top_n(self) -> int:
@@ -77,8 +80,14 @@ def _n_items(dataset) -> int:
     return int(n if n is not None else dataset.manifest["n_items"])
 
 
-def align_rows(file: str, row_ids: np.ndarray, train_row_ids: np.ndarray) -> np.ndarray:
-    """Return ``perm`` with ``row_ids[perm[i]] == train_row_ids[i]``; refuse missing/extra/duplicate ids."""
+def align_rows(file: str, row_ids: np.ndarray, train_row_ids: np.ndarray, min_coverage: float = 1.0) -> np.ndarray:
+    """Return ``perm`` with ``row_ids[perm[i]] == train_row_ids[i]``; refuse missing/extra/duplicate ids.
+
+    With ``min_coverage < 1`` a teacher file may cover a subset of the training rows (at least that
+    share); ``perm[i] == -1`` marks a training row without teacher output. Unknown row ids are
+    always refused."""
+    if min_coverage < 1.0:
+        return _align_subset(file, row_ids, train_row_ids, min_coverage)
     if len(row_ids) != len(train_row_ids):
         raise KnowledgeError(
             file, f"has {len(row_ids)} rows but the dataset has {len(train_row_ids)} training rows"
@@ -97,6 +106,34 @@ def align_rows(file: str, row_ids: np.ndarray, train_row_ids: np.ndarray) -> np.
             f"({len(missing)} training rows missing; is this teacher for another dataset or split?)"
         )
     return order[pos]
+
+
+def _align_subset(file: str, row_ids: np.ndarray, train_row_ids: np.ndarray, min_coverage: float) -> np.ndarray:
+    order = np.argsort(train_row_ids, kind="stable")
+    sorted_train = train_row_ids[order]
+    pos = np.clip(np.searchsorted(sorted_train, row_ids), 0, max(len(sorted_train) - 1, 0))
+    unknown = np.nonzero(sorted_train[pos] != row_ids)[0] if len(sorted_train) else np.arange(len(row_ids))
+    if len(unknown):
+        raise KnowledgeError(file, f"row_id {int(row_ids[unknown[0]])} is not a training row of this dataset",
+                             row=int(unknown[0]))
+    perm = np.full(len(train_row_ids), -1, dtype=np.int64)
+    target = order[pos]
+    if len(np.unique(target)) != len(target):
+        raise KnowledgeError(file, "a row_id appears more than once")
+    perm[target] = np.arange(len(row_ids))
+    share = len(row_ids) / max(len(train_row_ids), 1)
+    if share < min_coverage:
+        raise KnowledgeError(file, f"covers {len(row_ids)} of {len(train_row_ids)} training rows ({share:.1%}), "
+                             f"below distill.min_coverage={min_coverage}")
+    return perm
+
+
+def _expand(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Rows of ``values`` in training-row order; rows with ``perm == -1`` get zeros (placeholders)."""
+    out = np.zeros((len(perm),) + values.shape[1:], dtype=values.dtype)
+    ok = perm >= 0
+    out[ok] = values[perm[ok]]
+    return out
 
 
 def _check_ids(file: str, ids: np.ndarray, n_items: int) -> None:
@@ -144,7 +181,7 @@ def _list_column(file: str, table, name: str, dtype) -> np.ndarray:
     return flat.reshape(len(lengths), width)
 
 
-def _load_project(folder: Path, dataset) -> TeacherKnowledge:
+def _load_project(folder: Path, dataset, min_coverage: float = 1.0) -> TeacherKnowledge:
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
 
@@ -167,7 +204,7 @@ def _load_project(folder: Path, dataset) -> TeacherKnowledge:
         if col not in table.column_names:
             raise KnowledgeError(f, f"missing column {col!r} (have {table.column_names})")
     row_ids = table.column("row_id").to_numpy().astype(np.int64)
-    perm = align_rows(f, row_ids, _train_row_ids(dataset))
+    perm = align_rows(f, row_ids, _train_row_ids(dataset), min_coverage)
     ids = _list_column(f, table, "topk_ids", np.int64)
     dist = _list_column(f, table, "topk_dist", np.float32)
     if ids.shape != dist.shape:
@@ -178,7 +215,7 @@ def _load_project(folder: Path, dataset) -> TeacherKnowledge:
     if "gt_dist" in table.column_names:
         gt = table.column("gt_dist").to_numpy().astype(np.float32)
         _check_finite(f, gt, "gt_dist")
-        gt = gt[perm]
+        gt = _expand(gt, perm)
     emb_file = folder / "item_embeddings.safetensors"
     if not emb_file.is_file():
         raise KnowledgeError(emb_file, "not found")
@@ -191,7 +228,12 @@ def _load_project(folder: Path, dataset) -> TeacherKnowledge:
     if manifest.get("top_n") is not None and int(manifest["top_n"]) != ids.shape[1]:
         raise KnowledgeError(f, f"topk_ids width {ids.shape[1]} != manifest top_n {manifest['top_n']}")
     notes = [] if gt is not None else ["rank_train.parquet has no gt_dist: the paper RD variant is unavailable"]
-    return TeacherKnowledge("project", str(folder), ids[perm], dist[perm], gt, emb, want, notes)
+    covered = None
+    if (perm < 0).any():
+        covered = perm >= 0
+        notes.append(f"teacher covers {int(covered.sum())} of {len(perm)} training rows; the others get no RD")
+    return TeacherKnowledge("project", str(folder), _expand(ids, perm), _expand(dist, perm), gt, emb, want, notes,
+                            covered)
 
 
 def _load_reference(folder: Path, dataset) -> TeacherKnowledge:
@@ -217,15 +259,18 @@ def _load_reference(folder: Path, dataset) -> TeacherKnowledge:
     return TeacherKnowledge("reference", str(folder), ids[inv], dist.astype(np.float32)[inv], None, emb, checked, notes)
 
 
-def load_teacher(path: str | Path, dataset) -> TeacherKnowledge:
-    """Load and validate teacher knowledge for ``dataset`` (see module docstring)."""
+def load_teacher(path: str | Path, dataset, min_coverage: float = 1.0) -> TeacherKnowledge:
+    """Load and validate teacher knowledge for ``dataset`` (see module docstring).
+
+    ``min_coverage`` (``distill.min_coverage``): share of training rows that must have teacher
+    output; below 1 a project teacher folder may cover a subset (``TeacherKnowledge.covered``)."""
     folder = Path(path)
     if not folder.is_dir():
         raise KnowledgeError(folder, "teacher folder not found")
     if (folder / "myrank_train.txt").is_file():
         return _load_reference(folder, dataset)
     if (folder / "manifest.json").is_file() or (folder / "rank_train.parquet").is_file():
-        return _load_project(folder, dataset)
+        return _load_project(folder, dataset, min_coverage)
     raise KnowledgeError(
         folder, "neither a teacher folder (manifest.json, rank_train.parquet) nor a reference tocf folder (myrank_train.txt)"
     )

@@ -90,6 +90,10 @@ class StepObjective:
             else:
                 member = distill.student_topk_membership(h.detach(), weight.detach(), bias.detach(), batch.cand, rd.k, chunk)
         w = distill.rd_weights(batch.cand_dist, member, batch.gt_dist, rd)
+        if batch.cand_mask is not None:  # rows the teacher did not rank contribute no RD
+            w = w * batch.cand_mask[:, None]
+            if dro_cand is not None:
+                dro_cand = dro_cand * batch.cand_mask[:, None]
         if cfg.loss.objective == "ce":
             # Softmax students: the teacher candidates smooth the one-hot target (see softmax.soft_target_ce).
             return {"ce": softmax.soft_target_ce(h, weight, bias, batch.target, batch.cand, w, rd.soft_target_mix, chunk)}

@@ -68,7 +68,7 @@ def load_inputs(cfg: RunConfig) -> Inputs:
     teacher = None
     rd, ed = cfg.distill.rd, cfg.distill.ed
     if rd.enabled or ed.enabled:
-        teacher = load_teacher(cfg.distill.teacher, dataset)
+        teacher = load_teacher(cfg.distill.teacher, dataset, cfg.distill.min_coverage)
         if rd.enabled and rd.k > teacher.top_n:
             raise ConfigError(f"distill.rd.k = {rd.k} exceeds the teacher's top_n = {teacher.top_n} ({teacher.path})")
         if rd.enabled and rd.variant == "paper" and teacher.gt_dist is None:

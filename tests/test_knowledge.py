@@ -123,3 +123,31 @@ def test_reference_tocf_folder(ds, teacher, tmp_path):
 def test_not_a_teacher_folder(ds, tmp_path):
     with pytest.raises(KnowledgeError, match="neither a teacher folder"):
         load_teacher(tmp_path, ds)
+
+
+def test_partial_coverage_needs_min_coverage_and_masks_rows(tmp_path):
+    """A teacher over a subset of training rows is refused by default; with min_coverage it loads,
+    uncovered rows are flagged, and the batch carries a zero RD mask for them."""
+    import pyarrow.parquet as pq
+
+    from dllm2rec.batches import make_batch, split_tensors
+
+    ds_dir = synthetic_dataset(tmp_path / "ds", n_items=30, n_train=64, n_valid=8, n_test=8)
+    ds = load_dataset(ds_dir)
+    t_dir = synthetic_teacher(tmp_path / "t", ds, top_n=8, emb_dim=6)
+    rank = t_dir / "rank_train.parquet"
+    table = pq.read_table(rank)
+    keep = table.num_rows // 2
+    pq.write_table(table.slice(0, keep), rank)
+    with pytest.raises(KnowledgeError, match="training rows"):
+        load_teacher(t_dir, ds)
+    with pytest.raises(KnowledgeError, match="below distill.min_coverage"):
+        load_teacher(t_dir, ds, min_coverage=0.9)
+    tk = load_teacher(t_dir, ds, min_coverage=0.1)
+    assert tk.covered is not None and int(tk.covered.sum()) == keep
+    covered_ids = set(table.column("row_id").to_numpy()[:keep].tolist())
+    train_ids = ds.splits["train"]["row_id"]
+    assert [bool(c) for c in tk.covered] == [int(r) in covered_ids for r in train_ids]
+    data = split_tensors(ds.splits["train"], ds.manifest["max_history"], ds.padding_id)
+    b = make_batch(data, np.arange(len(train_ids)), teacher=tk, k=4)
+    assert b.cand_mask.tolist() == [float(c) for c in tk.covered]
