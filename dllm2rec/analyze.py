@@ -190,7 +190,7 @@ def rd_weight_matrix(teacher_dir: str, dataset: str, run: str | None = None, rd_
     from dllm2rec.knowledge import load_teacher
 
     ds = load_dataset(dataset)
-    tk = load_teacher(teacher_dir, ds)
+    tk = load_teacher(teacher_dir, ds, min_coverage=0.0)  # reading only: a partial teacher is fine
     cfg = load_config(Path(run) / "config.yaml") if run else None
     rd = rd_cfg or (cfg.distill.rd if cfg else RDConfig())
     if rd.k > tk.top_n:
@@ -204,9 +204,13 @@ def rd_weight_matrix(teacher_dir: str, dataset: str, run: str | None = None, rd_
         note = f"consistency from the student top-{rd.k} of {run}"
     else:
         note = "consistency = 0 for every candidate (no student given)"
-    cand = torch.from_numpy(tk.topk_ids[:, :rd.k])
-    dist = torch.from_numpy(tk.topk_dist[:, :rd.k])
-    gt = None if tk.gt_dist is None else torch.from_numpy(tk.gt_dist)
+    rows = np.arange(len(tk.topk_ids)) if tk.covered is None else np.nonzero(tk.covered)[0]
+    if tk.covered is not None:
+        note += f"; the {len(rows)} training rows the teacher covers"
+        top = None if top is None else top[torch.from_numpy(rows)]
+    cand = torch.from_numpy(tk.topk_ids[rows, :rd.k])
+    dist = torch.from_numpy(tk.topk_dist[rows, :rd.k])
+    gt = None if tk.gt_dist is None else torch.from_numpy(tk.gt_dist[rows])
     out = []
     for s in range(0, len(cand), bs):
         c = cand[s:s + bs]

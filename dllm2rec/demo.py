@@ -157,7 +157,7 @@ def _report_commands(py: str, teacher: Path, runs: dict, report: Path) -> list[l
                      "--out", str(report / f"overlap_{student}")])
     first = next(iter(runs.values()))["dllm2rec"]
     cmds.append([py, "-m", "dllm2rec", "analyze", "rd-weights", "--teacher", str(teacher), "--run", str(first),
-                 "--out", str(report / "rd_weights.png")])
+                 "--out", str(report / "rd_weights")])
     return cmds
 
 

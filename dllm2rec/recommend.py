@@ -143,7 +143,9 @@ def load_student(run_dir: str | Path, dataset: str | Path | None = None, teacher
     if llm_dim is not None:
         from dllm2rec.knowledge import load_teacher
 
-        tk = load_teacher(_resolve(str(teacher or cfg.distill.teacher), run_dir, "teacher", "--teacher"), ds)
+        # serving needs only the item embeddings: a teacher over a subset of rows is fine here
+        tk = load_teacher(_resolve(str(teacher or cfg.distill.teacher), run_dir, "teacher", "--teacher"), ds,
+                          min_coverage=0.0)
         if tk.emb_dim != llm_dim:
             raise ManifestError(f"{tk.path}: teacher embeddings are {tk.emb_dim} wide but the student {wfile} "
                                 f"was trained with {llm_dim}-wide ones: wrong teacher for this run")
