@@ -258,20 +258,30 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """Parse a YAML file safely; ``ConfigError`` naming the file when missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} file not found")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+
+
+def load_typed(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> tuple[Any, str]:
+    """YAML file (or defaults when ``path`` is None) + dotted overrides -> (``cls`` instance, source).
+
+    Shared by every typed config (student runs, teacher phases, fine-tuning); callers validate."""
+    source = str(path) if path else "defaults"
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, list(overrides or []))
+    return _build(cls, raw, "", source), source
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML run config (or defaults when ``path`` is None) and apply overrides."""
-    source = str(path) if path else "defaults"
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, list(overrides or []))
-    cfg = _build(RunConfig, raw, "", source)
+    cfg, source = load_typed(RunConfig, path, overrides)
     return validate(cfg, source)
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import yaml
 
 from dllm2rec.errors import ConfigError
+from dllm2rec.config import read_yaml
 
 STUDENTS: dict[str, list[str]] = {
     "gru4rec": ["model.name=gru4rec", "loss.dro_alpha=0.0"],
@@ -112,12 +113,7 @@ def _str_list(value, key: str, source: str) -> list[str]:
 def load_study(path: str | Path, out: str | None = None) -> Study:
     """Read and check a study YAML (unknown keys, unknown student/variant names, seeds)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: study file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    raw = read_yaml(p, "study")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a study must be a mapping")
     unknown = sorted(set(raw) - _STUDY_KEYS)

@@ -1,6 +1,6 @@
 """Typed teacher-inference config: YAML (launch/configs/teacher_*.yaml) + dotted overrides.
 
-Reuses the student config machinery (``dllm2rec.config._build`` / ``apply_overrides``): unknown
+Reuses the student config machinery (``dllm2rec.config.load_typed``): unknown
 keys and wrong types raise ``ConfigError`` naming the key and the file.
 """
 from __future__ import annotations
@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from dllm2rec.config import _build, apply_overrides
+from dllm2rec.config import load_typed
 from dllm2rec.errors import ConfigError
 
 
@@ -128,15 +127,5 @@ def split_limits(cfg: TeacherConfig) -> dict[str, int]:
 
 def load_teacher_config(path: str | Path | None, overrides: list[str] | None = None) -> TeacherConfig:
     """Read a teacher YAML (or defaults when ``path`` is None), apply ``a.b=value`` overrides."""
-    source = str(path) if path else "defaults"
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, list(overrides or []))
-    return validate(_build(TeacherConfig, raw, "", source), source)
+    cfg, source = load_typed(TeacherConfig, path, overrides)
+    return validate(cfg, source)

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from dllm2rec.atomic import atomic_dir, atomic_write_text, read_manifest, write_manifest
-from dllm2rec.config import _build, apply_overrides
+from dllm2rec.config import load_typed
 from dllm2rec.errors import ConfigError, ManifestError, TrainingError
 
 SCHEMA = "dllm2rec.teacher_lora/1"
@@ -100,18 +100,8 @@ def validate(cfg: FinetuneConfig, source: str = "config") -> FinetuneConfig:
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
     """YAML file (or defaults) + ``key=value`` overrides -> validated ``FinetuneConfig``."""
-    source = str(path) if path else "defaults"
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, list(overrides or []))
-    return validate(_build(FinetuneConfig, raw, "", source), source)
+    cfg, source = load_typed(FinetuneConfig, path, overrides)
+    return validate(cfg, source)
 
 
 def config_identity(cfg: FinetuneConfig) -> str:
