@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed-$(shell cat $(REQS) Makefile | sha256sum | cut -c1-
 
 .PHONY: venv test test-slow demo bench clean-venv help
 help:
-	@echo "make demo       full DLLM2Rec pipeline on MovieLens-100K with SmolLM2 (CPU, ~20 min)"
+	@echo "make demo       full DLLM2Rec pipeline on MovieLens-100K with SmolLM2 (CPU, ~13 min)"
 	@echo "make test       default test suite (fast; excludes -m slow)"
 	@echo "make test-slow  slow tests: multi-process launches, DeepSpeed, LLM end to end"
 	@echo "make bench      benchmark commands that produce BENCHMARKS.md numbers"
