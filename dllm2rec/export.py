@@ -32,6 +32,8 @@ FILES = ("encoder.pt2", "output.pt", "items.jsonl", "config.yaml")
 
 
 def _sha256(path: Path) -> str:
+    # Deliberately not dllm2rec.data.dataset.file_sha256: loading an export must import only torch
+    # (tests/test_export.py checks that no other dllm2rec module is imported).
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
