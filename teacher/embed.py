@@ -64,6 +64,20 @@ def hf_embed(model, tokenizer, texts: Sequence[str], batch_size: int = 16, progr
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def embed_unique(run, texts: Sequence[str]) -> np.ndarray:
+    """``run`` on the distinct texts only, scattered back to ``len(texts)`` rows (same order).
+
+    A greedy teacher repeats itself (many rows share one generated title); each distinct string
+    is embedded once, which is exact because the embedding is a function of the text alone.
+    """
+    unique: dict[str, int] = {}
+    index = np.fromiter((unique.setdefault(t, len(unique)) for t in texts), dtype=np.int64, count=len(texts))
+    if not texts:
+        return run([])
+    emb = run(list(unique))
+    return emb[index]
+
+
 def build_embedder(cfg, progress: bool = True):
     """``texts -> float32 [n, d]`` with the base model and the configured engine."""
     from teacher.model import load_hf_model, load_tokenizer, resolve_base_model, vllm_engine
@@ -121,7 +135,7 @@ def embed_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
         else:
             gen = pq.read_table(part(work, "generate", split, rank, world).path("parquet"))
             ids = gen.column("row_id").to_numpy().astype(np.int64)
-            emb = run(gen.column("generated").to_pylist())
+            emb = embed_unique(run, gen.column("generated").to_pylist())
             tensors = {"row_id": ids, "embeddings": emb}
         if emb.shape[0] != len(ids) or (len(ids) and emb.ndim != 2):
             raise ShardError(f"{p.path('safetensors')}: embedder returned shape {emb.shape} for {len(ids)} texts")

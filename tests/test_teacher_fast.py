@@ -232,3 +232,21 @@ def test_cli_help_is_cheap():
                           "print(sorted(m for m in ('torch','vllm','transformers','faiss') if m in sys.modules))"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_embed_unique_embeds_each_distinct_text_once_in_row_order():
+    import numpy as np
+
+    from teacher.embed import embed_unique
+
+    calls = []
+
+    def run(texts):
+        calls.append(list(texts))
+        return np.array([[len(t), ord(t[0]) if t else 0] for t in texts], np.float32)
+
+    texts = ["Heat (1995)", "Fargo (1996)", "Heat (1995)", "", "Fargo (1996)", "Heat (1995)"]
+    out = embed_unique(run, texts)
+    assert calls == [["Heat (1995)", "Fargo (1996)", ""]]  # one call, distinct texts, first-seen order
+    np.testing.assert_array_equal(out, run(texts))  # the same rows as embedding every text
+    assert embed_unique(lambda t: np.zeros((len(t), 2), np.float32), []).shape == (0, 2)
