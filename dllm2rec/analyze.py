@@ -261,6 +261,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="ndcg@20")
     p.add_argument("--split", default="valid", choices=["valid", "test"])
     p.add_argument("--out", required=True, help="PNG file")
+    p = sub.add_parser("teacher", help="teacher's ranking vs popularity and random; how varied its output is")
+    p.add_argument("--teacher", required=True, help="teacher folder with rank_<split>.parquet")
+    p.add_argument("--dataset", required=True, help="dataset folder")
+    p.add_argument("--split", default="test", choices=["valid", "test", "train"])
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--out", required=True, help="output folder for teacher_profile.{json,md}")
     from dllm2rec.latency import add_arguments as latency_args
 
     latency_args(sub.add_parser("latency", help="student full-ranking time vs the teacher's per-row cost"))
@@ -280,6 +286,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
         return 0
     out = Path(args.out)
+    if args.what == "teacher":
+        from dllm2rec.teacher_profile import profile_markdown, profile_teacher
+
+        if args.k <= 0:
+            raise ConfigError("--k must be positive")
+        prof = profile_teacher(args.teacher, args.dataset, args.split, args.k)
+        atomic_write_json(out / "teacher_profile.json", prof)
+        atomic_write_text(out / "teacher_profile.md", profile_markdown(prof))
+        print(profile_markdown(prof))
+        return 0
     if args.what == "overlap":
         if args.k <= 0:
             raise ConfigError("--k must be positive")

@@ -170,3 +170,32 @@ def test_curves_plot(tmp_path):
     Path(runs[1], "metrics.jsonl").write_text('{"epoch": 0, "valid": {}}\n')
     with pytest.raises(DataError, match="row 1"):
         metric_curves(runs)
+
+
+def test_popularity_ranking_and_hit_rate_by_hand():
+    from dllm2rec.teacher_profile import hit_rate, popularity_ranking
+
+    # item 2 x3, item 0 x2, items 1 and 3 x1 (tie: lower id first), item 4 never
+    assert popularity_ranking(np.array([2, 0, 2, 1, 3, 2, 0]), 5).tolist() == [2, 0, 1, 3, 4]
+    assert hit_rate(np.array([2, 0]), np.array([0, 1, 2, 2])) == 0.75  # one shared list
+    assert hit_rate(np.array([[0, 1], [3, 4]]), np.array([1, 1])) == 0.5  # one list per row
+
+
+def test_teacher_profile_cli(fx, tmp_path):
+    root, _, teacher, _ = fx
+    table = pq.read_table(teacher / "rank_test.parquet")
+    gen = ["Item 0", "Item 5", "Item 5", "not a title"]  # file order (rows reversed)
+    pq.write_table(table.append_column("generated", pa.array(gen, pa.string())), tmp_path / "rank_test.parquet")
+    out = tmp_path / "profile"
+    assert main(["analyze", "teacher", "--teacher", str(tmp_path), "--dataset", str(root / "ds"),
+                 "--k", "4", "--out", str(out)]) == 0
+    p = json.loads((out / "teacher_profile.json").read_text())
+    # TEACHER_TOP hits rows 0 (target 0) and 1 (target 5), misses row 2 (9) and row 3 (3)
+    assert p["hr"]["teacher"] == 0.5 and p["hr"]["random"] == 4 / N
+    assert p["distinct_generated_texts"] == 3 and p["exact_title_share"] == 0.75
+    assert p["distinct_top1_items"] == 4 and p["distinct_topk_lists"] == 4
+    assert p["item_coverage_at_k"] == len({i for r in TEACHER_TOP for i in r}) / N
+    assert "| teacher | 0.5000 |" in (out / "teacher_profile.md").read_text()
+    # a ranking file without generated texts is refused with the file named
+    assert main(["analyze", "teacher", "--teacher", str(teacher), "--dataset", str(root / "ds"),
+                 "--out", str(tmp_path / "x")]) == 2
