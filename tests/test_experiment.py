@@ -127,8 +127,10 @@ def test_dry_run_lists_without_training(folders, capsys):
 def test_shipped_ml100k_study_resolves():
     study = load_study(REPO / "launch/configs/study_ml100k.yaml")
     grid = cells(study)
-    assert len(grid) == 3 * 9 * 3
+    assert len(grid) == 3 * 10 * 3
     by = {(c.student, c.variant, c.seed): resolve(study, c) for c in grid}
+    picked = by[("sasrec", "ed_only_w0.5", 1)]  # the variant the validation sweep picked
+    assert not picked.distill.rd.enabled and picked.distill.ed.enabled and picked.distill.ed.weight == 0.5
     dros = by[("dros", "none", 0)]
     assert dros.model.name == "sasrec" and dros.loss.dro_alpha == 1.0
     assert by[("sasrec", "none", 0)].loss.dro_alpha == 0.0
@@ -140,6 +142,19 @@ def test_shipped_ml100k_study_resolves():
     assert str(by[("dros", "dllm2rec", 2)].train.output_dir).endswith("runs/study/ml100k/dros/dllm2rec/seed2")
     only = cells(study, parse_only(["student=sasrec", "variant=none,dllm2rec"]))
     assert {(c.student, c.variant) for c in only} == {("sasrec", "none"), ("sasrec", "dllm2rec")} and len(only) == 6
+
+
+def test_shipped_softmax_and_sweep_studies_resolve():
+    ce = load_study(REPO / "launch/configs/study_ml100k_ce.yaml")
+    by = {(c.student, c.variant, c.seed): resolve(ce, c) for c in cells(ce)}
+    assert len(by) == 2 * 2 * 3 and all(r.loss.objective == "ce" for r in by.values())
+    assert by[("gru4rec", "dllm2rec", 2)].distill.rd.enabled and by[("gru4rec", "dllm2rec", 2)].model.name == "gru4rec"
+    sweep = load_study(REPO / "launch/configs/study_ml100k_sweep.yaml")
+    sw = {c.variant: resolve(sweep, c) for c in cells(sweep)}
+    assert sw["lam0.05_ed0.2"].distill.rd.lam == 0.05 and sw["lam0.8_ed0.05"].distill.ed.weight == 0.05
+    assert sw["lam0.0_ed0.5"].distill.rd.enabled is False and sw["none"].distill.ed.enabled is False
+    mix = load_study(REPO / "launch/configs/study_ml100k_ce_sweep.yaml")
+    assert {c.variant: resolve(mix, c) for c in cells(mix)}["mix0.1_ed0.2"].distill.rd.soft_target_mix == 0.1
 
 
 def test_bad_study_and_filters(tmp_path):
