@@ -250,3 +250,33 @@ def test_embed_unique_embeds_each_distinct_text_once_in_row_order():
     assert calls == [["Heat (1995)", "Fargo (1996)", ""]]  # one call, distinct texts, first-seen order
     np.testing.assert_array_equal(out, run(texts))  # the same rows as embedding every text
     assert embed_unique(lambda t: np.zeros((len(t), 2), np.float32), []).shape == (0, 2)
+
+
+def test_model_convert_and_digest_errors_are_clear(tmp_path, capsys):
+    from teacher.cli import run
+
+    empty = tmp_path / "cache"
+    assert run(["model", "convert", "--cache", str(empty)]) == 2
+    assert "--gguf FILE is required" in capsys.readouterr().err
+    assert run(["model", "convert", "--cache", str(empty), "--gguf", str(tmp_path / "no.gguf")]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
+    assert not (empty / "models").exists()  # nothing half-made
+    assert run(["model", "digest", "--path", str(tmp_path)]) == 2  # not a model folder
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_model_digest_depends_on_values_not_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from teacher.model import model_digest
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a, b, c):
+        d.mkdir()
+    x, y = torch.arange(6.0).reshape(2, 3), torch.ones(4)
+    save_file({"x": x, "y": y}, str(a / "model.safetensors"))
+    save_file({"y": y}, str(b / "part-1.safetensors"))  # same tensors, split over two files
+    save_file({"x": x}, str(b / "part-2.safetensors"))
+    save_file({"x": x, "y": y * 2}, str(c / "model.safetensors"))
+    assert model_digest(a) == model_digest(b) != model_digest(c)
