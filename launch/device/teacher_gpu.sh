@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Teacher LoRA fine-tune + full-coverage title generation on ONE GPU machine that has PyTorch,
 # transformers, peft and accelerate but no vLLM, no FAISS and no network (the machine this
-# project was lent; see RESULTS.md §5). Embedding and FAISS grounding then run where vLLM is:
+# project was lent; see RESULTS.md §3b). Embedding and FAISS grounding then run where vLLM is:
 #   python -m teacher run --config launch/configs/teacher_ml100k_full.yaml --rank R --world 4 --phases embed,ground
 #
 # Inputs: runs/data/ml-100k; the SmolLM2 GGUF (GGUF_PARTS: its pieces, in order, when it had to
