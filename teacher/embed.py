@@ -70,12 +70,11 @@ def embed_unique(run, texts: Sequence[str]) -> np.ndarray:
     A greedy teacher repeats itself (many rows share one generated title); each distinct string
     is embedded once, which is exact because the embedding is a function of the text alone.
     """
-    unique: dict[str, int] = {}
-    index = np.fromiter((unique.setdefault(t, len(unique)) for t in texts), dtype=np.int64, count=len(texts))
     if not texts:
         return run([])
-    emb = run(list(unique))
-    return emb[index]
+    unique: dict[str, int] = {}
+    index = np.fromiter((unique.setdefault(t, len(unique)) for t in texts), dtype=np.int64, count=len(texts))
+    return run(list(unique))[index]
 
 
 def build_embedder(cfg, progress: bool = True):
