@@ -15,14 +15,14 @@ from dllm2rec.errors import Dllm2RecError
 # command -> (module, one-line help). Order is the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("dllm2rec.data.cli", "prepare / import / export datasets (MovieLens, Amazon, reference format)"),
-    "train": ("dllm2rec.train", "train one student (optionally with DLLM2Rec distillation)"),
-    "evaluate": ("dllm2rec.evaluate", "evaluate a trained student on valid/test (full ranking)"),
-    "experiment": ("dllm2rec.experiment", "run a grid of student runs and write one results table"),
-    "analyze": ("dllm2rec.analyze", "teacher/student overlap diagnostics and plots"),
-    "recommend": ("dllm2rec.recommend", "batch top-k recommendations from a trained student"),
-    "export": ("dllm2rec.export", "export a trained student as a self-contained artefact"),
-    "bench": ("dllm2rec.bench", "benchmarks: training speed, serving latency, scaling"),
-    "recbole": ("dllm2rec.recbole_compare", "export the split to RecBole and compare against it"),
+    "train": ("dllm2rec.train.loop", "train one student (optionally with DLLM2Rec distillation)"),
+    "evaluate": ("dllm2rec.eval.evaluate", "evaluate a trained student on valid/test (full ranking)"),
+    "experiment": ("dllm2rec.studies.experiment", "run a grid of student runs and write one results table"),
+    "analyze": ("dllm2rec.studies.analyze", "teacher/student overlap diagnostics and plots"),
+    "recommend": ("dllm2rec.serve.recommend", "batch top-k recommendations from a trained student"),
+    "export": ("dllm2rec.serve.export", "export a trained student as a self-contained artefact"),
+    "bench": ("dllm2rec.bench.cli", "benchmarks: training speed, serving latency, scaling"),
+    "recbole": ("dllm2rec.compare.recbole", "export the split to RecBole and compare against it"),
     "demo": ("dllm2rec.demo", "the whole pipeline on MovieLens-100K with SmolLM2, cached per stage"),
 }
 

@@ -3,7 +3,7 @@
 #
 # RecBole 1.2.1 needs numpy < 2 (it uses np.float / np.bool_ aliases removed later), which
 # conflicts with the main venv's numpy 2.x, so it lives in its own venv. The main package
-# never imports recbole: it runs dllm2rec/recbole_runner.py with this venv's python.
+# never imports recbole: it runs dllm2rec/compare/recbole_runner.py with this venv's python.
 #
 # recbole is installed with --no-deps: its declared requirements pull in ray, hyperopt,
 # plotly, ... which the quick-start path we use never imports. The list below is exactly what

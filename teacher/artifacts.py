@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-from teacher.config import split_limits
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,9 @@ import numpy as np
 
 from dllm2rec.atomic import atomic_path, read_manifest, write_manifest
 from dllm2rec.errors import DataError
+from dllm2rec.eval.metrics import metrics_from_ranks
+from teacher.config import split_limits
+from teacher.fingerprints import embed_fingerprint, generate_fingerprint, ground_fingerprint
 from teacher.prompts import Domain, build_prompt
 from teacher.shards import ShardError, finished_parts
 
@@ -133,9 +134,6 @@ def merge(cfg) -> dict:
     """Write the final teacher folder from finished shards; returns its manifest."""
     import pyarrow as pa
 
-    from teacher.embed import embed_fingerprint
-    from teacher.generate import generate_fingerprint
-    from teacher.ground import ground_fingerprint, metrics_from_ranks
 
     data = load_teacher_data(cfg.dataset, split_limits(cfg))
     work = work_dir(cfg)

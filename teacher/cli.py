@@ -62,9 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--out", default="runs/bench/teacher_bench.md")
     b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground")
-    from teacher.finetune import add_finetune_parsers  # `finetune`, `merge-lora` (teacher/finetune.py)
 
-    add_finetune_parsers(sub)
+    _add_finetune_parsers(sub)
     return parser
 
 
@@ -127,7 +126,7 @@ def _run(args) -> int:
 
 def _items_ready(cfg) -> bool:
     from teacher.artifacts import load_teacher_data, work_dir
-    from teacher.embed import embed_fingerprint
+    from teacher.fingerprints import embed_fingerprint
     from teacher.shards import ShardError, finished_parts
 
     try:
@@ -179,9 +178,7 @@ def run(argv: list[str] | None = None) -> int:
 
             print(export_tocf(args.teacher, args.out, args.top_n))
         elif args.phase in ("finetune", "merge-lora"):
-            from teacher.finetune import run_phase
-
-            return run_phase(args)
+            return _run_finetune_phase(args)
         elif args.phase == "bench":
             from teacher.bench import run_bench
 
@@ -189,4 +186,30 @@ def run(argv: list[str] | None = None) -> int:
     except Dllm2RecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _add_finetune_parsers(sub) -> None:
+    """Register ``finetune`` and ``merge-lora`` on the ``python -m teacher`` sub-parser table."""
+    f = sub.add_parser("finetune", help="LoRA fine-tune of the teacher LLM (BIGRec); Accelerate/DeepSpeed")
+    f.add_argument("--config", default=None, help="launch/configs/teacher_finetune_*.yaml")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 lr=1e-4")
+    f.add_argument("--force", action="store_true", help="redo even if output_dir is complete")
+    m = sub.add_parser("merge-lora", help="merge a LoRA adapter into the base weights (HF folder for vLLM)")
+    m.add_argument("--adapter", required=True, help="fine-tune output_dir (or a bare PEFT adapter folder)")
+    m.add_argument("--output", required=True, help="merged HF model folder to write")
+    m.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    m.add_argument("--base-model", default=None, help="override the base recorded in the manifest")
+
+
+def _run_finetune_phase(args) -> int:
+    """Dispatch ``finetune`` / ``merge-lora`` (called from ``teacher.cli.run``)."""
+    if args.phase == "finetune":
+        from teacher.finetune import finetune, load_finetune_config
+
+        finetune(load_finetune_config(args.config, args.overrides), force=args.force)
+    else:
+        from teacher.lora import merge_lora
+
+        print(merge_lora(args.adapter, args.output, args.dtype, args.base_model))
     return 0

@@ -15,12 +15,13 @@ for this shard of every split's generated texts (needs the same shard's generate
 """
 from __future__ import annotations
 
-from teacher.config import split_limits
-
 import time
 from typing import Sequence
 
 import numpy as np
+
+from teacher.config import split_limits
+from teacher.fingerprints import embed_fingerprint, generate_fingerprint
 
 EMPTY_TEXT = '""'
 
@@ -96,20 +97,11 @@ def build_embedder(cfg, progress: bool = True):
     return lambda texts: hf_embed(model, tok, texts, e.batch_size, progress)
 
 
-def embed_fingerprint(cfg, data) -> str:
-    from teacher.generate import generate_fingerprint
-    from teacher.shards import fingerprint
-
-    return fingerprint("embed", cfg.model.base, cfg.model.dtype, cfg.embed.engine,
-                       generate_fingerprint(cfg, data))
-
-
 def embed_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     """Embed this shard of the item titles and of every split's generated texts."""
     import pyarrow.parquet as pq
 
     from teacher.artifacts import load_teacher_data, work_dir, write_tensors
-    from teacher.generate import generate_fingerprint
     from teacher.shards import ShardError, is_done, mark_done, part, shard_slice
 
     data = load_teacher_data(cfg.dataset, split_limits(cfg))

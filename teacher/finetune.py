@@ -15,8 +15,7 @@ Output folder (``output_dir``), schema ``dllm2rec.teacher_lora/1``:
   timings. A finished folder with the same config is skipped (resume-safe); a half-written
   one is redone.
 
-``merge_lora(run_or_adapter, output)`` folds the adapter into the base weights and saves a plain
-HF folder (for vLLM builds without LoRA support).
+Merging an adapter into the base weights lives in ``teacher.lora``.
 """
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ from dllm2rec.config import load_typed
 from dllm2rec.errors import ConfigError, ManifestError, TrainingError
 
 SCHEMA = "dllm2rec.teacher_lora/1"
-MERGED_SCHEMA = "dllm2rec.teacher_merged/1"
 
 
 @dataclass
@@ -365,74 +363,3 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
               f"{step_time / max(1, opt_steps):.1f} s per optimizer step; saved {out}")
     accelerator.wait_for_everyone()
     return out
-
-
-def merge_lora(adapter: str | Path, output: str | Path, dtype: str = "float32",
-               base_model: str | None = None) -> Path:
-    """Fold a LoRA adapter into its base weights; save a plain HF folder (model + tokenizer).
-
-    ``adapter`` is a fine-tune folder (with ``manifest.json`` and ``adapter/``) or a bare PEFT
-    adapter folder. The base is the one recorded in the fine-tune manifest unless ``base_model``
-    is given. The output is written to a temporary folder and renamed; its ``manifest.json``
-    names the base, the adapter and the adapter's manifest hash.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from teacher.model import ModelError, load_tokenizer, resolve_base_model
-
-    adapter = Path(adapter)
-    run_manifest: dict = {}
-    if (adapter / "manifest.json").is_file():
-        run_manifest = read_manifest(adapter, SCHEMA)
-        adapter_dir = adapter / run_manifest.get("adapter", "adapter")
-    else:
-        adapter_dir = adapter
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter}: no PEFT adapter (adapter_config.json) and no fine-tune manifest")
-    spec = base_model or run_manifest.get("base_model")
-    if not spec:
-        spec = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base_path = resolve_base_model(spec)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"merge-lora: dtype {dtype!r}; choose float32, bfloat16 or float16")
-    # Merge in fp32 (exact W + B A scaling), cast afterwards.
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged = merged.to(getattr(torch, dtype))
-    # vLLM needs the tokenizer next to the weights; a bare test base may not have one.
-    has_tok = any((base_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(base_path) if has_tok else None
-    out = Path(output)
-    adapter_hash = hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        write_manifest(tmp, {"schema": MERGED_SCHEMA, "base_model": spec, "base_model_path": str(base_path),
-                             "adapter": str(adapter_dir.resolve()), "adapter_sha256": adapter_hash,
-                             "dtype": dtype, "id_map_hash": run_manifest.get("id_map_hash")})
-    return out
-
-
-def add_finetune_parsers(sub) -> None:
-    """Register ``finetune`` and ``merge-lora`` on the ``python -m teacher`` sub-parser table."""
-    f = sub.add_parser("finetune", help="LoRA fine-tune of the teacher LLM (BIGRec); Accelerate/DeepSpeed")
-    f.add_argument("--config", default=None, help="launch/configs/teacher_finetune_*.yaml")
-    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 lr=1e-4")
-    f.add_argument("--force", action="store_true", help="redo even if output_dir is complete")
-    m = sub.add_parser("merge-lora", help="merge a LoRA adapter into the base weights (HF folder for vLLM)")
-    m.add_argument("--adapter", required=True, help="fine-tune output_dir (or a bare PEFT adapter folder)")
-    m.add_argument("--output", required=True, help="merged HF model folder to write")
-    m.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    m.add_argument("--base-model", default=None, help="override the base recorded in the manifest")
-
-
-def run_phase(args) -> int:
-    """Dispatch ``finetune`` / ``merge-lora`` (called from ``teacher.cli.run``)."""
-    if args.phase == "finetune":
-        finetune(load_finetune_config(args.config, args.overrides), force=args.force)
-    else:
-        print(merge_lora(args.adapter, args.output, args.dtype, args.base_model))
-    return 0

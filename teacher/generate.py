@@ -10,11 +10,11 @@
 """
 from __future__ import annotations
 
-from teacher.config import split_limits
-
 import time
 from typing import Sequence
 
+from teacher.config import split_limits
+from teacher.fingerprints import generate_fingerprint
 from teacher.prompts import extract_answer
 
 
@@ -132,13 +132,6 @@ def build_generator(cfg, progress: bool = True):
         def run(prompts):
             return hf_generate(model, tok, prompts, g.decoding, g.beam_width, g.max_new_tokens, g.batch_size, progress)
     return run
-
-
-def generate_fingerprint(cfg, data) -> str:
-    from teacher.shards import fingerprint
-
-    return fingerprint("generate", cfg.model.base, cfg.model.adapter, cfg.model.dtype, vars(cfg.generate),
-                       data.id_map_hash, data.domain, split_limits(cfg))
 
 
 def generate_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:

@@ -14,14 +14,13 @@
 """
 from __future__ import annotations
 
-from teacher.config import split_limits
-
-import math
 import time
 
 import numpy as np
 
 from dllm2rec.errors import ConfigError
+from teacher.config import split_limits
+from teacher.fingerprints import embed_fingerprint, ground_fingerprint
 
 
 def build_index(items: np.ndarray, index: str = "flat", nlist: int = 64, nprobe: int = 16,
@@ -93,25 +92,6 @@ def target_ranks(queries: np.ndarray, items: np.ndarray, targets: np.ndarray, ch
     return out
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """HR@K and NDCG@K from 1-based ranks (one target per row)."""
-    try:
-        import torch
-
-        from dllm2rec.metrics import hr_ndcg  # the students' implementation: one definition of the metrics
-
-        return hr_ndcg(torch.tensor(np.asarray(ranks, dtype=np.int64)), list(ks))
-    except ImportError:
-        pass
-    ranks = np.asarray(ranks, dtype=np.float64)
-    out: dict[str, float] = {}
-    for k in ks:
-        hit = ranks <= k
-        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else math.nan
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean()) if len(ranks) else math.nan
-    return out
-
-
 def recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean fraction of the exact top-n found by the approximate search."""
     hits = [len(set(a.tolist()) & set(e.tolist())) / e.shape[0] for a, e in zip(approx_ids, exact_ids)]
@@ -126,20 +106,11 @@ def _list_column(matrix: np.ndarray):
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
 
 
-def ground_fingerprint(cfg, data) -> str:
-    from teacher.embed import embed_fingerprint
-    from teacher.shards import fingerprint
-
-    g = cfg.ground
-    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, embed_fingerprint(cfg, data))
-
-
 def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     import faiss
     import pyarrow as pa
 
     from teacher.artifacts import gather_item_embeddings, load_teacher_data, read_tensors, work_dir, write_parquet
-    from teacher.embed import embed_fingerprint
     from teacher.shards import ShardError, is_done, mark_done, part
 
     data = load_teacher_data(cfg.dataset, split_limits(cfg))

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dllm2rec.analyze import analyze_overlap, metric_curves, overlap_stats, rd_weight_matrix
+from dllm2rec.studies.analyze import analyze_overlap, metric_curves, overlap_stats, rd_weight_matrix
 from dllm2rec.cli import main
 from dllm2rec.errors import DataError
-from dllm2rec.latency import teacher_seconds_per_row
-from dllm2rec.plots import is_png
+from dllm2rec.studies.latency import teacher_seconds_per_row
+from dllm2rec.studies.plots import is_png
 
 N, K, L = 12, 4, 4
 TEST_TARGETS = [0, 5, 9, 3]
@@ -33,7 +33,7 @@ def fx(tmp_path_factory):
     from dllm2rec.config import dump_config, load_config
     from dllm2rec.data.dataset import DOMAINS, load_dataset, save_dataset
     from dllm2rec.models import build_student
-    from dllm2rec.synthetic import synthetic_splits, synthetic_teacher
+    from dllm2rec.bench.synthetic import synthetic_splits, synthetic_teacher
 
     root = tmp_path_factory.mktemp("analyze")
     splits = synthetic_splits(N, 40, 4, 4, max_history=L, seed=1)
@@ -173,7 +173,7 @@ def test_curves_plot(tmp_path):
 
 
 def test_popularity_ranking_and_hit_rate_by_hand():
-    from dllm2rec.teacher_profile import hit_rate, popularity_ranking
+    from dllm2rec.studies.teacher_profile import hit_rate, popularity_ranking
 
     # item 2 x3, item 0 x2, items 1 and 3 x1 (tie: lower id first), item 4 never
     assert popularity_ranking(np.array([2, 0, 2, 1, 3, 2, 0]), 5).tolist() == [2, 0, 1, 3, 4]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dllm2rec import checkpoint as ckpt
+from dllm2rec.train import checkpoint as ckpt
 from dllm2rec.errors import ManifestError
 
 

@@ -220,7 +220,8 @@ def test_trained_student_evaluates_on_real_games_split(tmp_path):
     and evaluate it with full ranking over all 17,408 items on its 14,980 test rows."""
     import torch
 
-    from dllm2rec import losses, metrics
+    from dllm2rec.eval import metrics
+    from dllm2rec.losses import base as losses
     from dllm2rec.config import ModelConfig
     from dllm2rec.models import build_student
 

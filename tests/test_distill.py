@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from dllm2rec.config import RDConfig
-from dllm2rec.distill import rd_loss_official, rd_loss_paper, rd_weights, student_topk_membership
+from dllm2rec.losses.distill import rd_loss_official, rd_loss_paper, rd_weights, student_topk_membership
 
 DIST = torch.tensor([[0.0, 1.0, 2.0]])
 IN_TOP = torch.tensor([[True, False, True]])
@@ -105,7 +105,7 @@ def _reference_rd(model_output, candidate, target_neg, weight, alpha, ps, beta=1
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_official_loss_matches_reference_loop(alpha):
-    from dllm2rec.losses import dro_loss
+    from dllm2rec.losses.base import dro_loss
     g = torch.Generator().manual_seed(1)
     h, w, b = torch.randn(5, 3, generator=g), torch.randn(12, 3, generator=g), torch.randn(12, generator=g)
     scores = h @ w.t() + b

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dllm2rec.batches import epoch_order, global_batch, step_seed, steps_per_epoch
-from dllm2rec.distributed import check_world, gather_rows, shard, shard_bounds
+from dllm2rec.train.batches import epoch_order, global_batch, step_seed, steps_per_epoch
+from dllm2rec.train.distributed import check_world, gather_rows, shard, shard_bounds
 from dllm2rec.errors import TrainingError
 
 
@@ -29,7 +29,7 @@ def test_multi_gpu_launch_without_gpu_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env["OMP_NUM_THREADS"] = "1"
     script = tmp_path / "probe.py"
-    script.write_text("from dllm2rec.distributed import make_accelerator\nmake_accelerator()\nprint('TRAINED')\n")
+    script.write_text("from dllm2rec.train.distributed import make_accelerator\nmake_accelerator()\nprint('TRAINED')\n")
     proc = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
                            "--main_process_port", "29613", str(script)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=Path(__file__).resolve().parents[1])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dllm2rec.data.dataset import load_dataset
-from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import yaml
 from dllm2rec.atomic import write_manifest
 from dllm2rec.cli import main
 from dllm2rec.errors import ConfigError
-from dllm2rec.experiment import cells, load_study, parse_only, resolve
-from dllm2rec.plots import is_png
+from dllm2rec.studies.experiment import cells, load_study, parse_only, resolve
+from dllm2rec.studies.plots import is_png
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_TEST = {"hr@20": 0.3125, "ndcg@20": 0.1234}
@@ -21,7 +21,7 @@ TEACHER_TEST = {"hr@20": 0.3125, "ndcg@20": 0.1234}
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+    from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
 
     root = tmp_path_factory.mktemp("study")
     ds_dir = synthetic_dataset(root / "ds", n_items=30, n_train=192, n_valid=48, n_test=48)

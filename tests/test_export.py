@@ -14,12 +14,12 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests import tiny_run
 
-from dllm2rec import metrics
-from dllm2rec.batches import split_tensors
+from dllm2rec.eval import metrics
+from dllm2rec.train.batches import split_tensors
 from dllm2rec.cli import main
 from dllm2rec.data.dataset import load_dataset
-from dllm2rec.export import load_exported
-from dllm2rec.recommend import load_student, recommend
+from dllm2rec.serve.export import load_exported
+from dllm2rec.serve.recommend import load_student, recommend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_export_reproduces_topk(model, ed, tmp_path):
     # Reference: the training-side path (raw teacher table when ED) + metrics.topk_items.
     kw = {}
     if ed:
-        from dllm2rec.knowledge import load_teacher
+        from dllm2rec.data.knowledge import load_teacher
 
         kw["llm_table"] = load_teacher(student.config.distill.teacher, ds).embeddings
     with torch.no_grad():
@@ -73,14 +73,14 @@ def test_exported_folder_serves_recommend_and_plain_python(tmp_path):
     assert main(["recommend", "--checkpoint", str(out), "--input", str(inp), "--output", str(b)]) == 0
     assert a.read_text() == b.read_text()
     # The loader needs torch only: no dllm2rec model code is imported to run the artefact.
-    code = ("import sys, torch; from dllm2rec.export import load_exported; "
+    code = ("import sys, torch; from dllm2rec.serve.export import load_exported; "
             f"s = load_exported({str(out)!r}); print(s.topk([[1, 2, 3]], 20)[1][0].tolist()); "
             "print(sorted(m for m in sys.modules if m.startswith('dllm2rec')))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     ids_line, mods_line = res.stdout.strip().splitlines()[-2:]
     assert json.loads(ids_line) == json.loads(a.read_text())["items"]
-    assert mods_line == str(["dllm2rec", "dllm2rec.export"])
+    assert mods_line == str(["dllm2rec", "dllm2rec.serve", "dllm2rec.serve.export"])
 
 
 def test_altered_artefact_is_refused(tmp_path):

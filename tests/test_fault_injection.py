@@ -131,7 +131,7 @@ def _teacher_kill_and_resume(teacher_ref, tmp_path, seed: int) -> None:
     done_before = {p: p.stat().st_mtime_ns for p in (out / "work/ground").rglob("*.done")}
     assert not (out / "manifest.json").exists()  # written last: the killed folder is never complete
     from dllm2rec.errors import Dllm2RecError
-    from dllm2rec.knowledge import load_teacher
+    from dllm2rec.data.knowledge import load_teacher
 
     with pytest.raises(Dllm2RecError):
         load_teacher(out, None)  # so the students' loader refuses it
@@ -171,7 +171,7 @@ def _train_code(cfg: Path, out: Path, resume: bool) -> str:
 @pytest.fixture(scope="module")
 def student_ref(tmp_path_factory):
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+    from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
 
     root = tmp_path_factory.mktemp("fault_student")
     ds = synthetic_dataset(root / "ds", n_items=30, n_train=96, n_valid=32, n_test=32)
@@ -323,7 +323,7 @@ def test_disk_full_mid_dataset_write_keeps_previous_dataset(tmp_path, monkeypatc
     import pyarrow.parquet as pq
 
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.synthetic import synthetic_dataset
+    from dllm2rec.bench.synthetic import synthetic_dataset
 
     ds = synthetic_dataset(tmp_path / "ds", n_items=12, n_train=20, n_valid=4, n_test=4)
     before = _snapshot(ds)
@@ -346,7 +346,7 @@ def test_disk_full_mid_dataset_write_keeps_previous_dataset(tmp_path, monkeypatc
 def test_disk_full_mid_checkpoint_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    import dllm2rec.checkpoint as ckpt
+    import dllm2rec.train.checkpoint as ckpt
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters())

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from dllm2rec.data.dataset import load_dataset
 from dllm2rec.errors import DataError, ManifestError
-from dllm2rec.knowledge import KnowledgeError, load_teacher
-from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+from dllm2rec.data.knowledge import KnowledgeError, load_teacher
+from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_partial_coverage_needs_min_coverage_and_masks_rows(tmp_path):
     uncovered rows are flagged, and the batch carries a zero RD mask for them."""
     import pyarrow.parquet as pq
 
-    from dllm2rec.batches import make_batch, split_tensors
+    from dllm2rec.train.batches import make_batch, split_tensors
 
     ds_dir = synthetic_dataset(tmp_path / "ds", n_items=30, n_train=64, n_valid=8, n_test=8)
     ds = load_dataset(ds_dir)

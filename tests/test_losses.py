@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dllm2rec.losses import bce_loss, dro_loss, item_popularity_weights, sample_negatives
+from dllm2rec.losses.base import bce_loss, dro_loss, item_popularity_weights, sample_negatives
 
 
 def test_negatives_never_in_history_or_target_and_cover_allowed_set():
@@ -133,8 +133,8 @@ def test_dro_stable_where_float32_naive_overflows():
 
 @pytest.mark.parametrize("chunk", [3, 65536])
 def test_dro_topk_shares_the_score_pass(chunk):
-    from dllm2rec.distill import membership
-    from dllm2rec.metrics import topk_items
+    from dllm2rec.losses.distill import membership
+    from dllm2rec.eval.metrics import topk_items
     hs, w, bias, p = _setup(seed=3)
     target = torch.tensor([[0, 5], [3, 10], [7, 8], [4, 0]])
     dro, top = dro_loss(hs, w, bias, target, p, 1.0, chunk, topk=4)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dllm2rec.metrics import hr_ndcg, rank_of_targets, topk_items
+from dllm2rec.eval.metrics import hr_ndcg, rank_of_targets, topk_items
 
 
 def _data(b=7, n=29, h=5, seed=0):

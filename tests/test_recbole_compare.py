@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dllm2rec.errors import ConfigError, DataError
-from dllm2rec.recbole_compare import check_ranks, metrics_from_ranks, recbole_python
-from dllm2rec.recbole_export import INTER_HEADER, export_recbole, read_export
+from dllm2rec.compare.recbole import check_ranks, metrics_from_ranks, recbole_python
+from dllm2rec.compare.recbole_export import INTER_HEADER, export_recbole, read_export
 
 REPO = Path(__file__).resolve().parents[1]
 L = 4
@@ -99,7 +99,7 @@ def test_check_ranks_reorders_and_rejects_foreign_rows():
 
 
 def test_finish_run_refuses_rows_recbole_filtered(tiny, tmp_path):
-    from dllm2rec.recbole_compare import finish_run
+    from dllm2rec.compare.recbole import finish_run
 
     raw = {"model": "SASRec", "seed": 0, "rows": {"train": 39, "valid": 8, "test": 9}, "test": {}}
     with pytest.raises(DataError, match="filtered or re-split"):

@@ -12,12 +12,12 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests import tiny_run
 
-from dllm2rec import metrics
-from dllm2rec.batches import split_tensors
+from dllm2rec.eval import metrics
+from dllm2rec.train.batches import split_tensors
 from dllm2rec.cli import main
 from dllm2rec.errors import DataError
-from dllm2rec.histories import ItemTable, read_histories
-from dllm2rec.recommend import load_student, pad_histories, recommend
+from dllm2rec.serve.histories import ItemTable, read_histories
+from dllm2rec.serve.recommend import load_student, pad_histories, recommend
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def student(run_dir):
 
 def _split_rows(student, split="test"):
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.knowledge import load_teacher
+    from dllm2rec.data.knowledge import load_teacher
 
     ds = load_dataset(student.config.data.path)
     data = split_tensors(ds.splits[split], student.max_len, ds.padding_id, split)
@@ -203,14 +203,14 @@ def test_real_games_titles_map_back_to_ids(tmp_path):
 
 @pytest.mark.slow
 def test_real_trainer_run_metrics_match_recommend(tmp_path):
-    """End to end: a run written by dllm2rec.train; HR/NDCG@K recomputed from `recommend` output
+    """End to end: a run written by dllm2rec.train.loop; HR/NDCG@K recomputed from `recommend` output
     (and from the exported artefact) equal the test metrics in its results.json."""
     import math
 
     from dllm2rec.config import load_config
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.export import export_student, load_exported
-    from dllm2rec.train import train
+    from dllm2rec.serve.export import export_student, load_exported
+    from dllm2rec.train.loop import train
 
     data = tiny_run.make_dataset(tmp_path)
     teacher = tiny_run.make_teacher(tmp_path, data)

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from dllm2rec.data.dataset import DOMAINS, load_dataset, prepare_dataset, save_dataset
 from dllm2rec.errors import ConfigError, DataError, ManifestError
-from dllm2rec.knowledge import KnowledgeError, load_teacher
-from dllm2rec.synthetic import synthetic_dataset, synthetic_splits, synthetic_teacher
+from dllm2rec.data.knowledge import KnowledgeError, load_teacher
+from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_splits, synthetic_teacher
 
 N, L, TOP_N, EMB = 20, 5, 5, 6
 
@@ -158,7 +158,7 @@ def dataset_file_escape(tmp, fx):
 # ---------------------------------------------------------------- histories (recommend input)
 def histories(name: str, content: str | bytes, **kw):
     def build(tmp, fx):
-        from dllm2rec.histories import ItemTable, read_histories
+        from dllm2rec.serve.histories import ItemTable, read_histories
 
         p = tmp / name
         p.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -169,7 +169,7 @@ def histories(name: str, content: str | bytes, **kw):
 def recommend_cli(content: str, *flags: str):
     """The recommend command end to end: the error comes before any output is written."""
     def build(tmp, fx):
-        from dllm2rec import recommend
+        from dllm2rec.serve import recommend
 
         (tmp / "in.jsonl").write_text(content)
         parser = argparse.ArgumentParser()
@@ -183,7 +183,7 @@ def recommend_cli(content: str, *flags: str):
 def student_with_teacher_width(width: int):
     """A trained ED student loaded with a teacher whose embedding width differs from training."""
     def build(tmp, fx):
-        from dllm2rec.recommend import load_student
+        from dllm2rec.serve.student import load_student
 
         ds = load_dataset(fx.run.parent / "data")
         synthetic_teacher(tmp / "narrow", ds, top_n=4, emb_dim=width)
@@ -286,7 +286,7 @@ def train_with(*overrides: str, empty_train: bool = False):
     """The trainer itself: config valid on its own, refused against its inputs; no run folder left."""
     def build(tmp, fx):
         from dllm2rec.config import load_config
-        from dllm2rec.train import train
+        from dllm2rec.train.loop import train
 
         data = synthetic_dataset(tmp / "ds0", n_items=N, n_train=0, n_valid=4, n_test=4, max_history=L) if empty_train else fx.ds_path
         cfg = load_config(None, [f"data.path={data}", f"distill.teacher={fx.teacher}", f"train.output_dir={tmp / 'run'}",
@@ -305,7 +305,7 @@ def teacher_config(*overrides: str):
 
 def study(text: str):
     def build(tmp, fx):
-        from dllm2rec.experiment import load_study
+        from dllm2rec.studies.experiment import load_study
 
         (tmp / "study.yaml").write_text(text)
         return lambda: load_study(tmp / "study.yaml")
@@ -317,7 +317,7 @@ STUDY = "dataset: d\nteacher: t\nout: {out}\nseeds: [0]\nstudents: [gru4rec]\n"
 
 def recbole_name(name: str):
     def build(tmp, fx):
-        from dllm2rec.recbole_export import export_recbole
+        from dllm2rec.compare.recbole_export import export_recbole
 
         return lambda: export_recbole(fx.ds, tmp / "atomic" / "x", name=name)
     return build

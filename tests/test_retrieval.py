@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllm2rec.retrieval import build_retriever, measure_recall
+from dllm2rec.serve.retrieval import build_retriever, measure_recall
 
 
 def _layer(n: int, h: int, seed: int = 0):
@@ -102,7 +102,7 @@ def test_serve_bench_smoke(tmp_path):
     import argparse
     import json
 
-    from dllm2rec import serve_bench
+    from dllm2rec.bench import serve as serve_bench
 
     p = argparse.ArgumentParser()
     serve_bench.add_arguments(p)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dllm2rec.softmax import catalogue_logsumexp, chunked_cross_entropy, sampled_softmax_loss, soft_target_ce
+from dllm2rec.losses.softmax import catalogue_logsumexp, chunked_cross_entropy, sampled_softmax_loss, soft_target_ce
 
 
 def _params(n=10, b=5, h=4, seed=0):
@@ -106,7 +106,7 @@ def test_soft_target_ce_matches_explicit_distribution(chunk):
 @pytest.mark.parametrize("c", [64 * 80, 64 * 80 + 37, 700])
 @pytest.mark.parametrize("k", [1, 10])
 def test_block_topk_equals_topk(c, k):
-    from dllm2rec.softmax import block_topk
+    from dllm2rec.losses.softmax import block_topk
     g = torch.Generator().manual_seed(c + k)
     s = torch.randn(33, c, generator=g)
     s[0, :k] = 100.0 + torch.arange(k)  # all winners in one group

@@ -143,7 +143,7 @@ def test_faiss_topn_equals_bruteforce_and_is_unsquared():
 
 
 def test_sharded_merge_equals_unsharded_and_resumes(tmp_path):
-    from dllm2rec.knowledge import load_teacher
+    from dllm2rec.data.knowledge import load_teacher
     from dllm2rec.data.dataset import load_dataset
     from teacher.artifacts import export_tocf, merge, read_rank_table
     from teacher.ground import ground_phase

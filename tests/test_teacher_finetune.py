@@ -176,7 +176,8 @@ def test_finetune_lowers_loss_saves_reloads_merges_and_skips(tiny_dataset, tiny_
     from transformers import AutoModelForCausalLM
 
     from dllm2rec.atomic import read_manifest
-    from teacher.finetune import SCHEMA, finetune, merge_lora
+    from teacher.finetune import SCHEMA, finetune
+    from teacher.lora import merge_lora
 
     out = tmp_path / "lora"
     cfg = _cfg(tiny_dataset, tiny_base, out)

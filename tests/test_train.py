@@ -10,7 +10,7 @@ from dllm2rec.cli import main
 from dllm2rec.config import load_config
 from dllm2rec.data.dataset import load_dataset
 from dllm2rec.errors import TrainingError
-from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_other_objectives_train(folders, tmp_path, extra):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(folders, tmp_path, monkeypatch, capsys):
-    import dllm2rec.losses as losses
+    import dllm2rec.losses.base as losses
 
     out = tmp_path / "nan"
     real, calls = losses.bce_loss, {"n": 0}
@@ -82,7 +82,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(folders, tmp_path, monkeypatch
     assert _train(folders, out) == 2  # the CLI turns the TrainingError into one line + status 2
     assert "non-finite loss at epoch 1 step 2 (bce=nan" in capsys.readouterr().err
     with pytest.raises(TrainingError, match="last good checkpoint is kept"):
-        from dllm2rec.train import train
+        from dllm2rec.train.loop import train
         calls["n"] = 0
         train(load_config(folders / "run.yaml", [f"train.output_dir={tmp_path / 'nan2'}"]))
     state = json.loads((out / "checkpoints/last/state.json").read_text())

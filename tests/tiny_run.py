@@ -86,13 +86,13 @@ def make_run(root: Path, model: str = "sasrec", ed: bool = True, steps: int = 60
     """Train a tiny student and write a run folder like the trainer's (config.yaml,
     best/model.safetensors, results.json).
 
-    The loop is a plain full-softmax one (not dllm2rec.train): these tests are about using a
+    The loop is a plain full-softmax one (not dllm2rec.train.loop): these tests are about using a
     trained student, and must not depend on the distributed trainer.
     """
     from safetensors.torch import save_file
 
     from dllm2rec.atomic import atomic_write_json
-    from dllm2rec.batches import split_tensors
+    from dllm2rec.train.batches import split_tensors
     from dllm2rec.config import dump_config, load_config
     from dllm2rec.data.dataset import load_dataset
     from dllm2rec.models import build_student
@@ -104,7 +104,7 @@ def make_run(root: Path, model: str = "sasrec", ed: bool = True, steps: int = 60
                  "eval.ks=[1,5,10,20]", "loss.objective=ce"]
     llm_table = None
     if ed:
-        from dllm2rec.knowledge import load_teacher
+        from dllm2rec.data.knowledge import load_teacher
 
         teacher = make_teacher(root, data)
         overrides += [f"distill.teacher={teacher}", "distill.ed.enabled=true", "distill.ed.weight=0.5"]

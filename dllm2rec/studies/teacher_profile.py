@@ -44,7 +44,7 @@ def profile_teacher(teacher: str | Path, dataset: str | Path, split: str = "test
     """Profile of the teacher's ``split`` ranking against popularity and random (see module doc)."""
     import pyarrow.parquet as pq
 
-    from dllm2rec.analyze import teacher_topk
+    from dllm2rec.studies.rankings import teacher_topk
     from dllm2rec.data.dataset import load_dataset
 
     ds = load_dataset(dataset)

@@ -2,7 +2,7 @@
 
 Scores are never materialised as a dense [B, N] matrix here: functions take the student state
 ``h`` Float[B, H] and the scoring layer (``weight`` Float[N, H], ``bias`` Float[N]) and work in
-item chunks (see dllm2rec/softmax.py).
+item chunks (see dllm2rec/losses/softmax.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from dllm2rec.softmax import catalogue_logsumexp, gather_logits
+from dllm2rec.losses.softmax import catalogue_logsumexp, gather_logits
 
 __all__ = ["sample_negatives", "bce_loss", "item_popularity_weights", "dro_loss", "gather_logits"]
 

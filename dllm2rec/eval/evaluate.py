@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dllm2rec import metrics
-from dllm2rec.batches import SplitTensors, step_seed
-from dllm2rec.distributed import gather_rows, shard_bounds
+from dllm2rec.eval import metrics
+from dllm2rec.train.batches import SplitTensors, step_seed
+from dllm2rec.train.distributed import gather_rows, shard_bounds
 
 
 @torch.no_grad()
@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dllm2rec.atomic import atomic_write_json
     from dllm2rec.config import load_config
-    from dllm2rec.distributed import is_main, make_accelerator
+    from dllm2rec.train.distributed import is_main, make_accelerator
     from dllm2rec.errors import ManifestError
-    from dllm2rec.train import load_inputs
+    from dllm2rec.train.inputs import load_inputs
 
     run_dir = Path(args.run)
     cfg = load_config(run_dir / "config.yaml")

@@ -14,7 +14,7 @@ Artefact folder (schema ``dllm2rec.export/1``; ``manifest.json`` written last):
 
 ``load_exported(folder) -> ExportedStudent`` needs only torch + the standard library (no
 dllm2rec model code, no FAISS, no dataset): ``topk(histories, k, exclude_seen)`` gives the same
-ids as ``dllm2rec.recommend.recommend`` / ``metrics.topk_items`` on the run folder.
+ids as ``dllm2rec.serve.recommend.recommend`` / ``metrics.topk_items`` on the run folder.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class ExportedStudent:
-    """A loaded artefact; same attributes as ``recommend.Student`` so ``recommend()`` accepts it."""
+    """A loaded artefact; same attributes as ``serve.student.Student`` so ``recommend()`` accepts it."""
 
     encoder: torch.nn.Module
     output_weight: torch.Tensor
@@ -135,7 +135,7 @@ class _Encoder(torch.nn.Module):
 
 
 def export_student(student, out: str | Path) -> dict:
-    """Write the artefact for a loaded ``recommend.Student`` atomically; return the manifest."""
+    """Write the artefact for a loaded ``serve.student.Student`` atomically; return the manifest."""
     from dllm2rec.atomic import atomic_dir, write_manifest
     from dllm2rec.config import config_to_dict, dump_config
     from dllm2rec.data.dataset import id_map_hash
@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from dllm2rec.recommend import load_student
+    from dllm2rec.serve.student import load_student
 
     student = load_student(args.checkpoint, args.dataset, args.teacher)
     manifest = export_student(student, args.out)

@@ -4,7 +4,7 @@ Input (synthetic, real schemas, cached under $DLLM2REC_CACHE or ~/.cache/dllm2re
 14,980 training rows (and 14,980 valid / test rows), 17,408 items, a teacher folder with top_n 50
 candidates per row and a 4096-wide float16 item-embedding table (random values: the cost depends
 on shapes only). Run: SASRec + DRO (alpha 0.1) + official RD (K 10) + ED, batch 256, through the
-REAL trainer (``dllm2rec.train.train``); the epoch time is the trainer's own per-epoch
+REAL trainer (``dllm2rec.train.loop.train``); the epoch time is the trainer's own per-epoch
 ``train_seconds`` (training steps only); evaluation is ``evaluate_split`` on all 14,980 valid rows
 (full ranking). Reports the median over ``--repeats`` epochs / evaluations, writes markdown (and JSON).
 """
@@ -37,7 +37,7 @@ def cache_dir() -> Path:
 def games_inputs(rows: int, items: int, emb_dim: int, top_n: int) -> tuple[Path, Path]:
     """Synthetic dataset + teacher folders of the requested size (built once, then reused)."""
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.synthetic import synthetic_dataset, synthetic_teacher
+    from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
 
     root = cache_dir() / f"games_r{rows}_n{items}"
     ds, teacher = root / "dataset", root / f"teacher_d{emb_dim}_k{top_n}"
@@ -62,9 +62,9 @@ def bench_config(ds: Path, teacher: Path, out: Path, epochs: int):
 def measure(args) -> dict:
     import torch
 
-    from dllm2rec.distributed import make_accelerator
-    from dllm2rec.evaluate import evaluate_split
-    from dllm2rec.train import load_inputs, train
+    from dllm2rec.train.distributed import make_accelerator
+    from dllm2rec.eval.evaluate import evaluate_split
+    from dllm2rec.train.loop import load_inputs, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

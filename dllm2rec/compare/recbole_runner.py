@@ -1,6 +1,6 @@
 """Train and test ONE RecBole 1.2.1 model on an exported split; run with the RecBole venv's python.
 
-This file is executed as a script by ``dllm2rec/recbole_compare.py`` with the OPTIONAL RecBole
+This file is executed as a script by ``dllm2rec/compare/recbole.py`` with the OPTIONAL RecBole
 venv (``launch/recbole_env.sh``: numpy < 2, recbole==1.2.1). It imports only the standard
 library, numpy, torch and recbole -- never the ``dllm2rec`` package, whose dependencies live in
 the main venv.

@@ -11,10 +11,10 @@
     (both / neither too).
   Writes ``overlap.json``, ``overlap.md``, ``overlap.png`` (stacked shares), ``part_hits.png``.
 - ``rd-weights --teacher T [--run RUN] --out DIR``: distribution of the RD importance weights
-  (``dllm2rec.distill.rd_weights``) over the training rows, with the RD settings of RUN's
+  (``dllm2rec.losses.distill.rd_weights``) over the training rows, with the RD settings of RUN's
   config (defaults otherwise); consistency comes from RUN's student top-K or is 0 everywhere.
   Writes ``rd_weights.png`` (histogram + mean per position) and ``rd_weights.json``.
-- ``latency``: see ``dllm2rec.latency``. ``curves --runs A B ... --out x.png``: validation
+- ``latency``: see ``dllm2rec.studies.latency``. ``curves --runs A B ... --out x.png``: validation
   metric per epoch per run from ``metrics.jsonl`` (one PNG).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dllm2rec.errors import ConfigError, DataError, ManifestError
+from dllm2rec.studies.rankings import dataset_path, student_topk, teacher_topk
 
 PARTS = ("teacher_only", "overlap", "student_only")
 
@@ -63,75 +64,16 @@ def overlap_stats(teacher_top: torch.Tensor, student_top: torch.Tensor, target: 
     }
 
 
-def teacher_topk(teacher: str | Path, split: str, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions into ``row_ids`` covered by the teacher, teacher top-k Long[R', k] in that order)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    f = Path(teacher) / f"rank_{split}.parquet"
-    if not f.is_file():
-        have = sorted(p.name for p in Path(teacher).glob("rank_*.parquet")) if Path(teacher).is_dir() else []
-        raise DataError(f, f"not found: the teacher folder has no {split} ranking (has {have or 'none'}); "
-                           f"run the teacher on the {split} split (teacher config 'splits') and 'teacher merge'")
-    table = pq.read_table(f, columns=["row_id", "topk_ids"])
-    col = table.column("topk_ids").combine_chunks()
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    if len(lengths) and lengths.min() < k:
-        raise DataError(f, f"topk_ids has only {int(lengths.min())} entries, fewer than k = {k}",
-                        row=int(np.argmin(lengths)))
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    width = int(lengths[0]) if len(lengths) else k
-    if len(lengths) and (lengths != width).any():
-        raise DataError(f, "topk_ids rows have different widths", row=int(np.nonzero(lengths != width)[0][0]))
-    ids = flat.reshape(len(lengths), width)[:, :k]
-    dup = np.nonzero((np.sort(ids, 1)[:, 1:] == np.sort(ids, 1)[:, :-1]).any(1))[0]
-    if len(dup):
-        raise DataError(f, "topk_ids repeats an item", row=int(dup[0]))
-    file_rows = table.column("row_id").to_numpy().astype(np.int64)
-    pos_in_file = {int(r): i for i, r in enumerate(file_rows)}
-    keep = np.array([i for i, r in enumerate(row_ids) if int(r) in pos_in_file], dtype=np.int64)
-    if not len(keep):
-        raise DataError(f, f"no row_id matches the dataset's {split} rows (teacher built for another dataset?)")
-    return keep, ids[[pos_in_file[int(row_ids[i])] for i in keep]]
-
-
-def _dataset_path(student, override: str | None) -> Path:
-    p = Path(override or student.config.data.path)
-    if not p.exists() and student.run_dir is not None and (student.run_dir / p).exists():
-        p = student.run_dir / p
-    return p
-
-
-@torch.no_grad()
-def student_topk(student, dataset, split: str, k: int, batch_size: int = 1024) -> torch.Tensor:
-    """Top-k ids Long[R, k] of every row of ``split`` (full ranking, eval mode, the run's protocol
-    for history masking)."""
-    from dllm2rec.batches import split_tensors
-    from dllm2rec.metrics import topk_items
-
-    if not 0 < k <= dataset.n_items:
-        raise ConfigError(f"top-k = {k} must lie in 1..{dataset.n_items} (the dataset's item count)")
-    data = split_tensors(dataset.splits[split], student.max_len, dataset.padding_id, split)
-    mask = bool(getattr(student.config.eval, "mask_history", False)) if student.config is not None else False
-    w, b = student.output_weight, student.output_bias
-    out = []
-    for s in range(0, len(data), batch_size):
-        hist = data.history[s:s + batch_size]
-        h = student.encode(hist, data.lengths[s:s + batch_size])
-        out.append(topk_items(h, w, b, k, exclude=hist if mask else None))
-    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
-
-
 def analyze_overlap(teacher: str, runs: dict[str, str], split: str = "test", k: int = 20,
                     dataset: str | None = None) -> dict:
     """{label: overlap_stats} for each student run (``runs`` = {label: run folder})."""
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.recommend import load_student
+    from dllm2rec.serve.student import load_student
 
     result, ds_cache = {}, {}
     for label, run_dir in runs.items():
         student = load_student(run_dir, dataset)
-        ds_path = _dataset_path(student, dataset)
+        ds_path = dataset_path(student, dataset)
         ds = ds_cache.setdefault(str(ds_path), load_dataset(ds_path))
         if split not in ds.splits:
             raise ConfigError(f"{ds_path}: no split {split!r}")
@@ -186,8 +128,8 @@ def rd_weight_matrix(teacher_dir: str, dataset: str, run: str | None = None, rd_
     variant normalises per batch)."""
     from dllm2rec.config import RDConfig, load_config
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.distill import membership, rd_weights
-    from dllm2rec.knowledge import load_teacher
+    from dllm2rec.losses.distill import membership, rd_weights
+    from dllm2rec.data.knowledge import load_teacher
 
     ds = load_dataset(dataset)
     tk = load_teacher(teacher_dir, ds, min_coverage=0.0)  # reading only: a partial teacher is fine
@@ -198,7 +140,7 @@ def rd_weight_matrix(teacher_dir: str, dataset: str, run: str | None = None, rd_
     bs = batch_size or (cfg.train.batch_size if cfg else 256)
     top = None
     if run:
-        from dllm2rec.recommend import load_student
+        from dllm2rec.serve.student import load_student
 
         top = student_topk(load_student(run, dataset, teacher_dir), ds, "train", rd.k)
         note = f"consistency from the student top-{rd.k} of {run}"
@@ -267,17 +209,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["valid", "test", "train"])
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", required=True, help="output folder for teacher_profile.{json,md}")
-    from dllm2rec.latency import add_arguments as latency_args
+    from dllm2rec.studies.latency import add_arguments as latency_args
 
     latency_args(sub.add_parser("latency", help="student full-ranking time vs the teacher's per-row cost"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from dllm2rec import plots
+    from dllm2rec.studies import plots
     from dllm2rec.atomic import atomic_write_json, atomic_write_text
 
     if args.what == "latency":
-        from dllm2rec.latency import run as latency_run
+        from dllm2rec.studies.latency import run as latency_run
 
         return latency_run(args)
     if args.what == "curves":
@@ -287,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if args.what == "teacher":
-        from dllm2rec.teacher_profile import profile_markdown, profile_teacher
+        from dllm2rec.studies.teacher_profile import profile_markdown, profile_teacher
 
         if args.k <= 0:
             raise ConfigError("--k must be positive")

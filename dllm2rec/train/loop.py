@@ -1,7 +1,7 @@
 """Student training: ``python -m dllm2rec train --config launch/configs/<run>.yaml [key=value ...] [--resume]``.
 
-One epoch = one shuffled pass (order = f(seed, epoch), see ``dllm2rec.batches``). One step:
-forward -> named losses (``dllm2rec.objective``) -> finite check on every rank -> backward ->
+One epoch = one shuffled pass (order = f(seed, epoch), see ``dllm2rec.train.batches``). One step:
+forward -> named losses (``dllm2rec.train.objective``) -> finite check on every rank -> backward ->
 optimizer step -> log. After each epoch: validation (full ranking), early stopping on the
 selection metric (valid ndcg@20, patience 10), test metrics at each new best epoch,
 ``metrics.jsonl``, TensorBoard scalars, ``best/model.safetensors``, ``checkpoints/last``.
@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from dllm2rec.atomic import atomic_write_json, atomic_write_text, restore_interrupted_swap, write_manifest
-from dllm2rec.batches import SplitTensors, epoch_order, global_batch, make_batch, split_tensors, step_seed, steps_per_epoch
+from dllm2rec.train.batches import epoch_order, global_batch, make_batch, step_seed, steps_per_epoch
 from dllm2rec.config import RunConfig, config_to_dict, load_config
 from dllm2rec.errors import ConfigError, TrainingError
+from dllm2rec.train.inputs import Inputs, load_inputs
 
 RUN_SCHEMA = "dllm2rec.run/1"
 REFERENCE_LABEL = "reference-protocol (selected on test, dropout on at eval)"
@@ -42,45 +42,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class Inputs:
-    dataset: object
-    teacher: object
-    splits: dict[str, SplitTensors]
-    student: torch.nn.Module
-    llm_table: torch.Tensor | None
-
-
 def protocol_label(cfg: RunConfig) -> str:
     if cfg.train.select_on == "test" or cfg.train.eval_dropout:
         return REFERENCE_LABEL if (cfg.train.select_on == "test" and cfg.train.eval_dropout) else (
             f"non-standard (selected on {cfg.train.select_on}, dropout {'on' if cfg.train.eval_dropout else 'off'} at eval)")
     return STANDARD_LABEL
-
-
-def load_inputs(cfg: RunConfig) -> Inputs:
-    """Dataset, validated teacher knowledge, split tensors and a freshly initialised student."""
-    from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.knowledge import load_teacher
-    from dllm2rec.models import build_student
-
-    dataset = load_dataset(cfg.data.path)
-    teacher = None
-    rd, ed = cfg.distill.rd, cfg.distill.ed
-    if rd.enabled or ed.enabled:
-        teacher = load_teacher(cfg.distill.teacher, dataset, cfg.distill.min_coverage)
-        if rd.enabled and rd.k > teacher.top_n:
-            raise ConfigError(f"distill.rd.k = {rd.k} exceeds the teacher's top_n = {teacher.top_n} ({teacher.path})")
-        if rd.enabled and rd.variant == "paper" and teacher.gt_dist is None:
-            raise ConfigError(f"distill.rd.variant=paper needs gt_dist, which {teacher.path} lacks "
-                              f"({teacher.source} format); use variant=official")
-    splits = {name: split_tensors(dataset.splits[name], cfg.model.max_len, dataset.padding_id, name)
-              for name in ("train", "valid", "test")}
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    student = build_student(cfg.model, dataset.n_items, teacher.emb_dim if (teacher is not None and ed.enabled) else None,
-                            ed.weight, ed.learnable_offset)
-    llm_table = teacher.embeddings if (teacher is not None and ed.enabled) else None
-    return Inputs(dataset, teacher, splits, student, llm_table)
 
 
 def make_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -106,11 +72,11 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train one student; returns the results dict (also written to ``results.json``)."""
     from tqdm import tqdm
 
-    from dllm2rec import checkpoint as ckpt
-    from dllm2rec.distributed import (all_finite, barrier, configure_deepspeed_batch, gather_objects,
+    from dllm2rec.train import checkpoint as ckpt
+    from dllm2rec.train.distributed import (all_finite, barrier, configure_deepspeed_batch, gather_objects,
                                       is_deepspeed, is_main, make_accelerator, mean_across, shard)
-    from dllm2rec.evaluate import evaluate_split
-    from dllm2rec.objective import Encoder, StepObjective
+    from dllm2rec.eval.evaluate import evaluate_split
+    from dllm2rec.train.objective import Encoder, StepObjective
 
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator()
@@ -281,7 +247,7 @@ def _tensorboard(out: Path):
 
 
 def _restore(last_dir: Path, accelerator, student, optimizer, world: int, rank: int) -> dict:
-    from dllm2rec import checkpoint as ckpt
+    from dllm2rec.train import checkpoint as ckpt
 
     saved = ckpt.load_checkpoint(last_dir)
     if saved["world_size"] != world:

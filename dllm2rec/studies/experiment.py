@@ -18,18 +18,18 @@ Study YAML (paths are relative to the directory the command runs in, like run co
 
 Each cell = base + overrides + student overrides + variant overrides + ``train.seed`` /
 ``train.output_dir`` / ``data.path`` / ``distill.teacher``; it trains into
-``<out>/<student>/<variant>/seed<k>/`` with ``dllm2rec.train.train`` and is SKIPPED when that
+``<out>/<student>/<variant>/seed<k>/`` with ``dllm2rec.train.loop.train`` and is SKIPPED when that
 folder already has ``results.json`` (a half-finished run is resumed from its checkpoint). A
 cached run whose ``config.yaml`` differs from what the study now resolves is reported as stale
 (``--rerun-stale`` deletes and retrains it). ``--jobs 1`` trains in this process; ``--jobs N > 1``
-runs each cell as a child process (``python -m dllm2rec.experiment`` worker, log in
+runs each cell as a child process (``python -m dllm2rec.studies.experiment`` worker, log in
 ``<run>/train.log``), one GPU per job when GPUs exist. Every run uses
 ``torch.set_num_threads(threads_per_job)``.
 
 Outputs: ``<out>/results.json`` / ``results.md`` (mean ± sample std over seeds of test HR@K and
 NDCG@K at the epoch selected on validation, n seeds, relative gain over the same student's
 ``none`` variant, the teacher's own test metrics when its folder has them) and
-``<out>/results.png`` (bar chart); see ``dllm2rec.study_table``.
+``<out>/results.png`` (bar chart); see ``dllm2rec.studies.study_table``.
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def default_jobs() -> tuple[int, int]:
 def _train_here(study: Study, cell: Cell, threads: int) -> None:
     import torch
 
-    from dllm2rec.train import train
+    from dllm2rec.train.loop import train
 
     torch.set_num_threads(threads)
     train(resolve(study, cell), resume=True)
@@ -248,7 +248,7 @@ def _train_child(study: Study, cell: Cell, threads: int, gpu: int | None) -> Non
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     cell.run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dllm2rec.experiment", str(threads), study.base or "-", *cell.overrides]
+    cmd = [sys.executable, "-m", "dllm2rec.studies.experiment", str(threads), study.base or "-", *cell.overrides]
     with open(cell.run_dir / "train.log", "ab") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
@@ -314,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dllm2rec.study_table import write_outputs
+    from dllm2rec.studies.study_table import write_outputs
 
     study = load_study(args.study, args.out)
     grid = cells(study, parse_only(args.only), args.extra)
@@ -356,12 +356,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _worker(argv: list[str]) -> int:
-    """Child-process entry: ``python -m dllm2rec.experiment THREADS BASE|- OVERRIDE...``."""
+    """Child-process entry: ``python -m dllm2rec.studies.experiment THREADS BASE|- OVERRIDE...``."""
     import torch
 
     from dllm2rec.config import load_config
     from dllm2rec.errors import Dllm2RecError
-    from dllm2rec.train import train
+    from dllm2rec.train.loop import train
 
     torch.set_num_threads(int(argv[0]))
     try:

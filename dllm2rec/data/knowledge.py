@@ -20,7 +20,7 @@ embedding table has N rows, and the ``id_map_hash`` equals the dataset's.
 The returned arrays are indexed by POSITION IN THE DATASET'S TRAIN SPLIT (row i of
 ``topk_ids`` belongs to ``dataset.splits["train"]`` row i). The embedding table is a frozen
 tensor [N, d] (float16 or float32, as stored); it is gathered per batch outside the model's
-parameters (``dllm2rec.batches`` / the model's ``llm_table`` input, where the padding id N gives
+parameters (``dllm2rec.train.batches`` / the model's ``llm_table`` input, where the padding id N gives
 zeros) and never becomes a parameter, so it is neither trained, all-reduced nor checkpointed.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from dllm2rec.metrics import topk_items
+from dllm2rec.eval.metrics import topk_items
 
 
 def position_weights(k: int, beta: float = 1.0, device=None) -> torch.Tensor:

@@ -72,12 +72,12 @@ def student_ranking_seconds(run: str, split: str = "test", k: int = 20, batch_si
     """Median wall seconds for the student to produce top-k over all items for every split row."""
     import torch
 
-    from dllm2rec.analyze import _dataset_path, student_topk
+    from dllm2rec.studies.rankings import dataset_path, student_topk
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.recommend import load_student
+    from dllm2rec.serve.student import load_student
 
     student = load_student(run, dataset)
-    ds = load_dataset(_dataset_path(student, dataset))
+    ds = load_dataset(dataset_path(student, dataset))
     rows = len(ds.splits[split]["target"])
     student_topk(student, ds, split, k, batch_size)  # warm-up (allocator, kernels)
     times = []

@@ -12,9 +12,9 @@ Steps:
    with ``launch/recbole/base.yaml`` + ``launch/recbole/<model>.yaml``, cwd = the run folder
    (RecBole writes ``log/`` and ``log_tensorboard/`` into its cwd).
 3. The test metrics RecBole reports at the best-VALID-NDCG@20 epoch are cross-checked against
-   HR@K / NDCG@K recomputed by ``dllm2rec.metrics.hr_ndcg`` from the per-row target ranks the
+   HR@K / NDCG@K recomputed by ``dllm2rec.eval.metrics.hr_ndcg`` from the per-row target ranks the
    runner saved (full ranking over all N items, one target, NDCG = 1/log2(rank+1), rank = 1 +
-   #items scored strictly higher, as in ``dllm2rec.metrics``); the run's
+   #items scored strictly higher, as in ``dllm2rec.eval.metrics``); the run's
    ``result.json`` records both and whether they agree.
 4. ``<out>/results.json`` and ``<out>/results.md``: mean +- std over seeds per model.
 
@@ -37,7 +37,7 @@ import numpy as np
 from dllm2rec.atomic import atomic_write_json, atomic_write_text
 from dllm2rec.errors import ConfigError, DataError, TrainingError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "launch" / "recbole"
 RUNNER = Path(__file__).resolve().with_name("recbole_runner.py")
 MODELS = {"SASRec": "sasrec.yaml", "GRU4Rec": "gru4rec.yaml"}
@@ -70,10 +70,10 @@ def recbole_python(explicit: str | None = None) -> Path:
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks=OUR_KS) -> dict[str, float]:
-    """Our HR@K / NDCG@K (``dllm2rec.metrics.hr_ndcg``) from 1-based target ranks [R]."""
+    """Our HR@K / NDCG@K (``dllm2rec.eval.metrics.hr_ndcg``) from 1-based target ranks [R]."""
     import torch
 
-    from dllm2rec.metrics import hr_ndcg
+    from dllm2rec.eval.metrics import hr_ndcg
 
     ranks = np.asarray(ranks, dtype=np.int64)
     if ranks.size == 0 or (ranks < 1).any():
@@ -175,7 +175,7 @@ def summarize(results: list[dict]) -> tuple[list[dict], str]:
 
 def run(args: argparse.Namespace) -> int:
     from dllm2rec.data.dataset import load_dataset
-    from dllm2rec.recbole_export import export_recbole
+    from dllm2rec.compare.recbole_export import export_recbole
 
     py = recbole_python(args.recbole_python)
     ds = load_dataset(args.dataset)

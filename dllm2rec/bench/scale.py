@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Bytes per item held by each rank (fp32, hidden 64): parameters = item embedding (64) + output
 # row (64 + bias) = 129 floats = 516 B; gradients 516 B; Adam moments 1032 B. DDP replicates all
 # three (+ its gradient buckets, another 516 B). ZeRO-2 keeps the parameters whole, partitions
@@ -57,13 +57,13 @@ def worker(args) -> None:
 
     import torch
 
-    from dllm2rec.batches import Batch
+    from dllm2rec.train.batches import Batch
     from dllm2rec.config import load_config
-    from dllm2rec.distributed import configure_deepspeed_batch, gather_objects, make_accelerator
-    from dllm2rec.evaluate import split_ranks
-    from dllm2rec.batches import SplitTensors
+    from dllm2rec.train.distributed import configure_deepspeed_batch, gather_objects, make_accelerator
+    from dllm2rec.eval.evaluate import split_ranks
+    from dllm2rec.train.batches import SplitTensors
     from dllm2rec.models import build_student
-    from dllm2rec.objective import Encoder, StepObjective
+    from dllm2rec.train.objective import Encoder, StepObjective
 
     n = int(args.items)
     cfg = load_config(None, ["model.name=sasrec", "loss.objective=bce", "train.batch_size=256"])
@@ -109,7 +109,7 @@ def _launch(mode: str, items: int, args, result: Path) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    tail = ["-m", "dllm2rec.scale_bench", "--worker", "--items", str(items), "--steps", str(args.steps),
+    tail = ["-m", "dllm2rec.bench.scale", "--worker", "--items", str(items), "--steps", str(args.steps),
             "--eval-rows", str(args.eval_rows), "--result", str(result)]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "29655"]
     if mode == "single":
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # worker entry: python -m dllm2rec.scale_bench --worker ...
+if __name__ == "__main__":  # worker entry: python -m dllm2rec.bench.scale --worker ...
     p = argparse.ArgumentParser()
     add_arguments(p)
     raise SystemExit(run(p.parse_args()))

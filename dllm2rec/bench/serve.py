@@ -17,8 +17,8 @@ over an item table of the teacher's width (17,408 x 576, random values; groundin
 on the shape only).
 
 Writes the markdown to stdout and ``--out`` (atomically) plus ``--out`` with ``.json``.
-Called as ``python -m dllm2rec bench serve`` (via dllm2rec/bench.py) or
-``python -m dllm2rec.serve_bench``.
+Called as ``python -m dllm2rec bench serve`` (via dllm2rec/bench/cli.py) or
+``python -m dllm2rec.bench.serve``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 
 CATALOGUES = {"1.7k": 1_682, "17k": 17_408, "1M": 1_000_000}
 BATCHES = (1, 32, 1024)
-GAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "dllm2rec-games"
+GAMES = Path(__file__).resolve().parents[3] / "shared" / "data" / "dllm2rec-games"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +103,7 @@ def time_cell(model, retriever, n_items: int, batch: int, k: int, max_len: int, 
 
 
 def bench_students(args) -> list[dict]:
-    from dllm2rec.retrieval import build_retriever, measure_recall
+    from dllm2rec.serve.retrieval import build_retriever, measure_recall
 
     rows = []
     for name, n in (_catalogue(c) for c in args.catalogues.split(",")):
@@ -279,6 +279,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m dllm2rec.serve_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dllm2rec.bench.serve", description=__doc__.splitlines()[0])
     add_arguments(p)
     raise SystemExit(run(p.parse_args()))

@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dllm2rec import distill, losses, softmax
-from dllm2rec.batches import Batch
+from dllm2rec.losses import distill
+from dllm2rec.losses import base as losses
+from dllm2rec.losses import softmax
+from dllm2rec.train.batches import Batch
 
 
 class Encoder(nn.Module):

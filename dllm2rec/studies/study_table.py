@@ -1,4 +1,4 @@
-"""The results table of a study (``dllm2rec.experiment``): aggregation over seeds + files.
+"""The results table of a study (``dllm2rec.studies.experiment``): aggregation over seeds + files.
 
 For every (student, variant): the test HR@K / NDCG@K of each finished seed (``results.json``
 ``test``, i.e. at the epoch selected by the run's protocol; the protocol label is carried into
@@ -48,7 +48,7 @@ def teacher_metrics(teacher: str | Path, k: int, split: str = "test") -> dict | 
         import pyarrow.parquet as pq
         import torch
 
-        from dllm2rec.metrics import hr_ndcg
+        from dllm2rec.eval.metrics import hr_ndcg
 
         cols = pq.read_schema(rank_file).names
         if "target_rank" in cols:
@@ -136,7 +136,7 @@ def markdown(name: str, rows: list[dict], k: int, teacher: dict | None, failures
 
 def write_outputs(study, grid, failures: dict, stale: dict) -> dict:
     """Write ``results.json``, ``results.md`` and ``results.png`` under ``study.out``; returns the JSON."""
-    from dllm2rec import plots
+    from dllm2rec.studies import plots
     from dllm2rec.atomic import atomic_write_json, atomic_write_text
 
     k = study.k

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from dllm2rec.softmax import item_block, merge_topk
+from dllm2rec.losses.softmax import item_block, merge_topk
 
 _ROW_BLOCK = 1024  # rows per block; items per block from softmax.item_block (cache-sized)
 _TOPK_ROW_BLOCK = 128  # fewer rows -> wider item blocks, where softmax.block_topk pays off
@@ -77,6 +78,14 @@ def hr_ndcg(ranks: torch.Tensor, ks=(1, 5, 10, 20, 50), reduce: str = "mean") ->
         out[f"hr@{k}"] = float(hit.sum()) / count
         out[f"ndcg@{k}"] = float((gain * hit).sum()) / count
     return out
+
+
+def metrics_from_ranks(ranks, ks=(1, 5, 10, 20, 50)) -> dict[str, float]:
+    """``hr_ndcg`` of 1-based ranks given as any int array [R]; NaN for every metric when R == 0."""
+    r = torch.as_tensor(np.asarray(ranks, dtype=np.int64))
+    if r.numel() == 0:
+        return {f"{m}@{k}": math.nan for k in ks for m in ("hr", "ndcg")}
+    return hr_ndcg(r, list(ks))
 
 
 @torch.no_grad()

@@ -2,10 +2,10 @@
 
 | which | module | measures |
 |---|---|---|
-| train | dllm2rec.train_bench | one training epoch + full evaluation at Amazon-Games size |
-| eval  | dllm2rec.train_bench | full-ranking evaluation only |
-| scale | dllm2rec.scale_bench | step time / peak memory vs catalogue size, 1 vs 2 processes, DDP vs ZeRO-2 |
-| serve | dllm2rec.serve_bench | serving throughput / latency |
+| train | dllm2rec.bench.train | one training epoch + full evaluation at Amazon-Games size |
+| eval  | dllm2rec.bench.train | full-ranking evaluation only |
+| scale | dllm2rec.bench.scale | step time / peak memory vs catalogue size, 1 vs 2 processes, DDP vs ZeRO-2 |
+| serve | dllm2rec.bench.serve | serving throughput / latency |
 
 To add a benchmark: write a module with ``add_arguments(parser)`` and ``run(args) -> int`` and add
 one line to ``BENCHMARKS``. Benchmark modules must import heavy dependencies inside functions.
@@ -16,10 +16,10 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "train": ("dllm2rec.train_bench", "one training epoch + full evaluation, Games-sized synthetic input"),
-    "eval": ("dllm2rec.train_bench", "full-ranking evaluation of 14,980 rows over 17,408 items"),
-    "scale": ("dllm2rec.scale_bench", "step time and peak memory for 20k/200k/2M items, 1 vs 2 processes, DDP vs ZeRO-2"),
-    "serve": ("dllm2rec.serve_bench", "serving throughput and latency (students vs the LLM teacher)"),
+    "train": ("dllm2rec.bench.train", "one training epoch + full evaluation, Games-sized synthetic input"),
+    "eval": ("dllm2rec.bench.train", "full-ranking evaluation of 14,980 rows over 17,408 items"),
+    "scale": ("dllm2rec.bench.scale", "step time and peak memory for 20k/200k/2M items, 1 vs 2 processes, DDP vs ZeRO-2"),
+    "serve": ("dllm2rec.bench.serve", "serving throughput and latency (students vs the LLM teacher)"),
 }
 
 

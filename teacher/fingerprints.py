@@ -1,0 +1,26 @@
+"""Phase fingerprints: the identity of each teacher phase's output.
+
+A shard is finished for a phase only when its ``.done`` marker carries the phase's current
+fingerprint, so a changed model, decoding, embedding engine or index never mixes with old parts.
+Each fingerprint chains the one of the phase it reads from (generate -> embed -> ground). This
+module sits below ``artifacts`` and the phases so that all of them can import it.
+"""
+from __future__ import annotations
+
+from teacher.config import split_limits
+from teacher.shards import fingerprint
+
+
+def generate_fingerprint(cfg, data) -> str:
+    return fingerprint("generate", cfg.model.base, cfg.model.adapter, cfg.model.dtype, vars(cfg.generate),
+                       data.id_map_hash, data.domain, split_limits(cfg))
+
+
+def embed_fingerprint(cfg, data) -> str:
+    return fingerprint("embed", cfg.model.base, cfg.model.dtype, cfg.embed.engine,
+                       generate_fingerprint(cfg, data))
+
+
+def ground_fingerprint(cfg, data) -> str:
+    g = cfg.ground
+    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, embed_fingerprint(cfg, data))
