@@ -267,6 +267,8 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # e.g. a file cut inside a multi-byte character
+        raise ConfigError(f"{p}: truncated or corrupt: not UTF-8 text at byte {exc.start}") from exc
 
 
 def load_typed(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> tuple[Any, str]:
@@ -287,6 +289,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_items(d: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested config dict -> {("train", "lr"): 0.001, ...} (lists stay values)."""
+    out: dict[tuple, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_items(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def config_diff(saved: dict, now: dict, ignore: set[tuple] = frozenset()) -> list[str]:
+    """Dotted keys whose value differs between two config dicts (keys in ``ignore`` skipped)."""
+    a, b = flat_items(saved or {}), flat_items(now or {})
+    return sorted(".".join(k) for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:

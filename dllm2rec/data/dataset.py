@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from dllm2rec.atomic import atomic_dir, read_manifest, write_manifest
 from dllm2rec.data.protocol import SPLITS
 from dllm2rec.errors import DataError, ManifestError
+from dllm2rec.readers import read_arrow_stream, read_parquet
 
 SCHEMA = "dllm2rec.dataset/1"
 COLUMNS = ("row_id", "user", "history", "history_len", "target", "timestamp")
@@ -206,8 +207,7 @@ def _read_arrow_split(folder: Path, split: str) -> pa.Table:
         p = (folder / "splits" / split / fname)
         if Path(fname).name != fname or not p.is_file():
             raise ManifestError(f"{p}: split data file missing or outside the split folder")
-        with pa.memory_map(str(p)) as src:
-            tables.append(pa.ipc.open_stream(src).read_all())
+        tables.append(read_arrow_stream(p))
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -238,7 +238,7 @@ def load_dataset(path: str | Path) -> Dataset:
     items_p = path / "items.parquet"
     if not items_p.is_file():
         raise ManifestError(f"{items_p}: missing")
-    items = pq.read_table(items_p, columns=["id", "title"])
+    items = read_parquet(items_p, columns=["id", "title"])
     ids = items.column("id").to_numpy()
     titles = items.column("title").to_pylist()
     if not np.array_equal(ids, np.arange(len(ids))):

@@ -33,6 +33,7 @@ import torch
 
 from dllm2rec.atomic import read_manifest
 from dllm2rec.errors import DataError, ManifestError
+from dllm2rec.readers import read_parquet, read_safetensors
 
 TEACHER_SCHEMA = "dllm2rec.teacher/1"
 
@@ -149,6 +150,15 @@ def _check_finite(file: str, values: np.ndarray, what: str) -> None:
         raise KnowledgeError(file, f"{what} is NaN or infinite", row=int(bad[0]))
 
 
+def _check_ranking_order(file: str, dist: np.ndarray) -> None:
+    """Each row's distances must be ascending (nearest first): a reversed or shuffled list would
+    silently turn RD's position weights upside down."""
+    bad = np.nonzero((np.diff(dist, axis=1) < 0).any(axis=1))[0] if dist.shape[1] > 1 else []
+    if len(bad):
+        raise KnowledgeError(file, "topk_dist is not ascending (the list is not in ranking order, nearest first)",
+                             row=int(bad[0]))
+
+
 def _check_embeddings(file: str, emb: torch.Tensor, n_items: int) -> torch.Tensor:
     if emb.ndim != 2:
         raise KnowledgeError(file, f"embedding table must be 2-D [N, d], got shape {tuple(emb.shape)}")
@@ -182,9 +192,6 @@ def _list_column(file: str, table, name: str, dtype) -> np.ndarray:
 
 
 def _load_project(folder: Path, dataset, min_coverage: float = 1.0) -> TeacherKnowledge:
-    import pyarrow.parquet as pq
-    from safetensors.torch import load_file
-
     manifest = read_manifest(folder, TEACHER_SCHEMA)
     n_items = _n_items(dataset)
     want = dataset.manifest.get("id_map_hash")
@@ -198,7 +205,7 @@ def _load_project(folder: Path, dataset, min_coverage: float = 1.0) -> TeacherKn
     rank_file = folder / "rank_train.parquet"
     if not rank_file.is_file():
         raise KnowledgeError(rank_file, "not found (run the teacher's train-split phases and 'teacher merge')")
-    table = pq.read_table(rank_file, columns=None)
+    table = read_parquet(rank_file)
     f = str(rank_file)
     for col in ("row_id", "topk_ids", "topk_dist"):
         if col not in table.column_names:
@@ -211,6 +218,7 @@ def _load_project(folder: Path, dataset, min_coverage: float = 1.0) -> TeacherKn
         raise KnowledgeError(f, f"topk_ids width {ids.shape[1]} != topk_dist width {dist.shape[1]}")
     _check_ids(f, ids, n_items)
     _check_finite(f, dist, "topk_dist")
+    _check_ranking_order(f, dist)
     gt = None
     if "gt_dist" in table.column_names:
         gt = table.column("gt_dist").to_numpy().astype(np.float32)
@@ -219,7 +227,7 @@ def _load_project(folder: Path, dataset, min_coverage: float = 1.0) -> TeacherKn
     emb_file = folder / "item_embeddings.safetensors"
     if not emb_file.is_file():
         raise KnowledgeError(emb_file, "not found")
-    tensors = load_file(str(emb_file))
+    tensors = read_safetensors(emb_file)
     if "embeddings" not in tensors:
         raise KnowledgeError(emb_file, f"no tensor named 'embeddings' (have {sorted(tensors)})")
     emb = _check_embeddings(str(emb_file), tensors["embeddings"], n_items)

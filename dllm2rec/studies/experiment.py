@@ -45,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from dllm2rec.errors import ConfigError
 from dllm2rec.config import read_yaml
@@ -200,26 +199,14 @@ def resolve(study: Study, cell: Cell):
     return load_config(study.base, cell.overrides)
 
 
-def _flatten(d: dict, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def stale_keys(study: Study, cell: Cell) -> list[str]:
     """Config keys whose cached value (``<run>/config.yaml``) differs from the current resolution."""
-    from dllm2rec.config import config_to_dict
+    from dllm2rec.config import config_diff, config_to_dict
 
     saved_file = cell.run_dir / "config.yaml"
     if not saved_file.is_file():
         return []
-    saved = _flatten(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
-    now = _flatten(config_to_dict(resolve(study, cell)))
-    return sorted(".".join(k) for k in set(saved) | set(now) if k not in _VOLATILE and saved.get(k) != now.get(k))
+    return config_diff(read_yaml(saved_file, "run config"), config_to_dict(resolve(study, cell)), _VOLATILE)
 
 
 def default_jobs() -> tuple[int, int]:

@@ -34,11 +34,15 @@ STANDARD_LABEL = "standard (selected on valid, dropout off at eval)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 distill.rd.lam=0.5")
-    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/last if present")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/last if present "
+                        "(refused when the config or the dataset/teacher differ from the checkpoint's)")
+    parser.add_argument("--allow-change", nargs="+", default=[], metavar="KEY",
+                        help="with --resume: keys that may differ from the checkpoint's config (train.epochs, "
+                             "train.patience, train.checkpoint_every, train.checkpoint_every_steps)")
 
 
 def run(args: argparse.Namespace) -> int:
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    train(load_config(args.config, args.overrides), resume=args.resume, allow_change=tuple(args.allow_change))
     return 0
 
 
@@ -68,8 +72,11 @@ def _device_table(table, device):
     return None if table is None else table.to(device)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train one student; returns the results dict (also written to ``results.json``)."""
+def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = ()) -> dict:
+    """Train one student; returns the results dict (also written to ``results.json``).
+
+    ``resume``: continue ``checkpoints/last`` if present, only when its config and input hashes
+    equal this run's except the ``allow_change`` keys (``checkpoint.check_resume``)."""
     from tqdm import tqdm
 
     from dllm2rec.train import checkpoint as ckpt
@@ -98,13 +105,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     objective.llm_table = _device_table(objective.llm_table, device)
     config_text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     state = fresh_state()
+    inputs_digest = ckpt.input_digests(inputs.dataset, inputs.teacher)
     last_dir = out / "checkpoints" / "last"
     if resume:
         if main:  # a checkpoint swap cut by a crash between its two renames: the previous one comes back
             restore_interrupted_swap(last_dir)
         barrier(accelerator)
     if resume and (last_dir / "manifest.json").is_file():
-        state = _restore(last_dir, accelerator, student, optimizer, world, rank)
+        saved = ckpt.load_checkpoint(last_dir)
+        ckpt.check_resume(last_dir, saved, config_to_dict(cfg), inputs_digest, allow_change)
+        state = _restore(saved, last_dir, accelerator, student, optimizer, world, rank)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_text)
@@ -121,7 +131,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             opt_state = gather_objects(accelerator, opt_state)
         if main:
             ckpt.save_checkpoint(last_dir, model_state=student.state_dict(), optimizer_state=opt_state,
-                                 rng_states=rng, state=position_state, config_text=config_text)
+                                 rng_states=rng, state=position_state, config_text=config_text, inputs=inputs_digest)
         barrier(accelerator)
 
     t_start = time.time()
@@ -246,10 +256,9 @@ def _tensorboard(out: Path):
     return SummaryWriter(log_dir=str(out / "tb"))
 
 
-def _restore(last_dir: Path, accelerator, student, optimizer, world: int, rank: int) -> dict:
+def _restore(saved: dict, last_dir: Path, accelerator, student, optimizer, world: int, rank: int) -> dict:
     from dllm2rec.train import checkpoint as ckpt
 
-    saved = ckpt.load_checkpoint(last_dir)
     if saved["world_size"] != world:
         raise TrainingError(f"{last_dir}: saved with {saved['world_size']} processes, resuming with {world}; "
                             "resume with the same number of processes (the data shards and RNG streams depend on it)")
