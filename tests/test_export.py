@@ -1,7 +1,8 @@
-"""Exported artefact: self-contained, loads with plain torch, reproduces the training code's top-k."""
+"""Exported artefact: safetensors + architecture, no pickle, no training stack; reproduces the training top-k."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from dllm2rec.eval import metrics
 from dllm2rec.train.batches import split_tensors
 from dllm2rec.cli import main
 from dllm2rec.data.dataset import load_dataset
+from dllm2rec.errors import DataError, ManifestError
 from dllm2rec.serve.export import load_exported
-from dllm2rec.serve.recommend import load_student, recommend
+from dllm2rec.serve.recommend import load_student, open_checkpoint, recommend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,37 +63,117 @@ def test_export_reproduces_topk(model, ed, tmp_path):
     assert torch.equal(exported.topk(histories[:1], 10)[1], exported.topk(histories, 10)[1][:1])
 
 
+# Modules the serving process must not need: the training stack, data pipeline, evaluation, FAISS,
+# Accelerate/DeepSpeed, Arrow. The loader rebuilds the module from dllm2rec.models + safetensors.
+_TRAINING_STACK = ("dllm2rec.train", "dllm2rec.losses", "dllm2rec.eval", "dllm2rec.data", "dllm2rec.studies",
+                   "dllm2rec.bench", "accelerate", "deepspeed", "faiss", "pyarrow", "datasets", "pandas", "teacher")
+
+
 def test_exported_folder_serves_recommend_and_plain_python(tmp_path):
     torch.set_num_threads(1)
     run = tiny_run.make_run(tmp_path, "gru4rec", ed=False, steps=8)
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "items.jsonl", "manifest.json", "weights.safetensors"]
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"history": [1, 2, 3]}\n')
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     assert main(["recommend", "--checkpoint", str(run), "--input", str(inp), "--output", str(a)]) == 0
     assert main(["recommend", "--checkpoint", str(out), "--input", str(inp), "--output", str(b)]) == 0
     assert a.read_text() == b.read_text()
-    # The loader needs torch only: no dllm2rec model code is imported to run the artefact.
+    # No training stack is needed to serve the artefact: a fresh interpreter loads and scores it
+    # importing only torch, safetensors and the model code.
     code = ("import sys, torch; from dllm2rec.serve.export import load_exported; "
             f"s = load_exported({str(out)!r}); print(s.topk([[1, 2, 3]], 20)[1][0].tolist()); "
-            "print(sorted(m for m in sys.modules if m.startswith('dllm2rec')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dllm2rec', 'teacher', 'accelerate', "
+            "'deepspeed', 'faiss', 'pyarrow', 'datasets', 'pandas')))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     ids_line, mods_line = res.stdout.strip().splitlines()[-2:]
     assert json.loads(ids_line) == json.loads(a.read_text())["items"]
-    assert mods_line == str(["dllm2rec", "dllm2rec.serve", "dllm2rec.serve.export"])
+    mods = json.loads(mods_line.replace("'", '"'))
+    assert "dllm2rec.models.gru4rec" in mods and "dllm2rec.serve.export" in mods
+    assert not [m for m in mods if m.startswith(_TRAINING_STACK)], mods
 
 
-def test_altered_artefact_is_refused(tmp_path):
+class _Payload:
+    """Unpickling this creates ``path``: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _reseal(out: Path, name: str) -> None:
+    """An attacker who controls the folder also rewrites the manifest's sha256 for ``name``."""
+    from dllm2rec.serve.export import _sha256
+
+    m = json.loads((out / "manifest.json").read_text())
+    m["sha256"][name] = _sha256(out / name)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     torch.set_num_threads(1)
-    run = tiny_run.make_run(tmp_path, "gru4rec", ed=False, steps=2)
-    out = tmp_path / "exported"
-    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
-    with open(out / "items.jsonl", "a", encoding="utf-8") as fh:
-        fh.write('{"id": 48, "title": "extra"}\n')
-    with pytest.raises(ValueError, match="sha256 differs"):
+    root = tmp_path_factory.mktemp("exp")
+    run = tiny_run.make_run(root, "sasrec", ed=True, steps=2)
+    assert main(["export", "--checkpoint", str(run), "--out", str(root / "exported")]) == 0
+    return root / "exported"
+
+
+def _copy(exported, tmp_path):
+    out = tmp_path / "e"
+    shutil.copytree(exported, out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["items.jsonl", "weights.safetensors", "config.yaml"])
+def test_altered_artefact_is_refused(exported, tmp_path, name):
+    out = _copy(exported, tmp_path)
+    data = bytearray((out / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size
+    (out / name).write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=rf"{name}: missing or sha256 differs from the manifest"):
+        load_exported(out)
+
+
+def test_incomplete_or_resealed_manifest_is_refused(exported, tmp_path):
+    out = _copy(exported, tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["sha256"]["config.yaml"]  # a manifest that stops checking a file is not accepted
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"'sha256' must list exactly"):
         load_exported(out)
     (out / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match="no manifest.json"):
         load_exported(out)
+
+
+def test_pickle_payload_is_never_executed(exported, tmp_path):
+    import pickle
+
+    out = _copy(exported, tmp_path)
+    marker = tmp_path / "code-ran"
+    for blob in (pickle.dumps(_Payload(marker)), None):
+        if blob is None:  # the same payload inside a torch.save zip archive
+            torch.save({"weight": _Payload(marker)}, out / "weights.safetensors")
+        else:
+            (out / "weights.safetensors").write_bytes(blob)
+        _reseal(out, "weights.safetensors")  # sha256 matches: only the format protects the loader
+        with pytest.raises(DataError, match=r"weights\.safetensors: truncated or corrupt safetensors file"):
+            load_exported(out)
+        assert not marker.exists()
+    # an old torch.export artefact is refused before any of its files is opened
+    old = _copy(exported, tmp_path / "old")
+    torch.save({"x": _Payload(marker)}, old / "encoder.pt2")
+    m = json.loads((old / "manifest.json").read_text())
+    m.update(schema="dllm2rec.export/1", format="torch.export")
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"dllm2rec\.export/1 holds a torch\.export program.*Re-export"):
+        load_exported(old)
+    with pytest.raises(ManifestError, match=r"Re-export"):  # what `recommend --checkpoint OLD` calls
+        open_checkpoint(old)
+    assert not marker.exists()

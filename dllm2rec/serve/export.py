@@ -1,39 +1,45 @@
-"""Export a trained student as a self-contained artefact, and load it back with plain torch.
+"""Export a trained student as a self-contained artefact, and load it back without pickle.
 
 ``python -m dllm2rec export --checkpoint runs/x --out exported/x``
 
-Artefact folder (schema ``dllm2rec.export/1``; ``manifest.json`` written last):
+Artefact folder (schema ``dllm2rec.export/2``; ``manifest.json`` written last):
 
 | file | content |
 |---|---|
-| ``encoder.pt2`` | ``torch.export`` program: ``(history Long[B, L], lengths Long[B]) -> h Float[B, H]``, batch size dynamic, L = ``max_len``; ED students have the projected teacher table Float[N+1, H] baked in as a buffer (the wide LLM table is not needed) |
-| ``output.pt`` | ``{"weight": Float[N, H], "bias": Float[N]}`` (``torch.save``; read with ``weights_only=True``): scores = h @ weight.T + bias |
+| ``weights.safetensors`` | the student's weights (``state_dict`` names) and, for ED students, ``ed_table`` Float[N+1, H]: the teacher table projected once (row N zeros), so the wide LLM table is not needed |
 | ``items.jsonl`` | one ``{"id": i, "title": ...}`` per item, ids 0..N-1 in order |
-| ``config.yaml`` | the training run's resolved config |
-| ``manifest.json`` | schema, n_items, padding_id, max_len, hidden, model, ed, metrics (the run's results.json), config, id_map_hash, sha256 of every file, torch version |
+| ``config.yaml`` | the training run's resolved config (for people; the loader reads the manifest) |
+| ``manifest.json`` | schema, ``format`` ("safetensors"), ``architecture`` (``model`` = the run's ``ModelConfig``, ``n_items``, ``llm_dim``, ``ed_weight``, ``learnable_offset``), n_items, padding_id, max_len, hidden, model, ed, metrics (the run's results.json), config, id_map_hash, sha256 of every file, torch version |
 
-``load_exported(folder) -> ExportedStudent`` needs only torch + the standard library (no
-dllm2rec model code, no FAISS, no dataset): ``topk(histories, k, exclude_seen)`` gives the same
-ids as ``dllm2rec.serve.recommend.recommend`` / ``metrics.topk_items`` on the run folder.
+``load_exported(folder) -> ExportedStudent`` checks every file's sha256 against the manifest, reads
+the weights with ``safetensors`` (a format whose loader cannot execute code) and rebuilds the
+module in code with ``dllm2rec.models.build_student``; it imports no training, data, evaluation,
+FAISS or Accelerate code. ``topk(histories, k, exclude_seen)`` gives the same ids as
+``dllm2rec.serve.recommend.recommend`` / ``metrics.topk_items`` on the run folder.
+
+Schema ``dllm2rec.export/1`` (a ``torch.export`` program, which ``torch.export.load`` may unpickle)
+is refused with a message to re-export; no compiled graph is offered any more.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-SCHEMA = "dllm2rec.export/1"
-FILES = ("encoder.pt2", "output.pt", "items.jsonl", "config.yaml")
+from dllm2rec.errors import DataError, ManifestError
+from dllm2rec.serve.student import Student
+
+SCHEMA = "dllm2rec.export/2"
+OLD_SCHEMAS = ("dllm2rec.export/1",)
+FILES = ("weights.safetensors", "items.jsonl", "config.yaml")
+ED_TABLE = "ed_table"
 
 
 def _sha256(path: Path) -> str:
-    # Deliberately not dllm2rec.data.dataset.file_sha256: loading an export must import only torch
-    # (tests/test_export.py checks that no other dllm2rec module is imported).
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -42,28 +48,10 @@ def _sha256(path: Path) -> str:
 
 
 @dataclass
-class ExportedStudent:
-    """A loaded artefact; same attributes as ``serve.student.Student`` so ``recommend()`` accepts it."""
+class ExportedStudent(Student):
+    """A loaded artefact: a ``serve.student.Student`` (so ``recommend()`` accepts it) plus its manifest."""
 
-    encoder: torch.nn.Module
-    output_weight: torch.Tensor
-    output_bias: torch.Tensor
-    titles: list[str]
-    max_len: int
     manifest: dict = field(default_factory=dict)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.titles)
-
-    @property
-    def padding_id(self) -> int:
-        return len(self.titles)
-
-    @torch.no_grad()
-    def encode(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """history Long[B, max_len] right-padded with N, lengths Long[B] -> Float[B, H]."""
-        return self.encoder(history, lengths)
 
     @torch.no_grad()
     def topk(self, histories: list[list[int]], k: int, exclude_seen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,79 +80,102 @@ class ExportedStudent:
         return s, i
 
 
-def load_exported(folder: str | Path) -> ExportedStudent:
-    """Load an export folder (see module docstring). Refuses incomplete or altered folders."""
-    folder = Path(folder)
+def _read_manifest(folder: Path) -> dict:
+    from dllm2rec.readers import read_json
+
     mpath = folder / "manifest.json"
     if not mpath.is_file():
-        raise FileNotFoundError(f"{folder}: no manifest.json; not a complete dllm2rec export")
-    manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    if manifest.get("schema") != SCHEMA or manifest.get("complete") is not True:
-        raise ValueError(f"{mpath}: not a complete {SCHEMA} manifest")
-    for name, digest in manifest["sha256"].items():
-        if _sha256(folder / name) != digest:
-            raise ValueError(f"{folder / name}: sha256 differs from the manifest; the artefact was altered")
-    encoder = torch.export.load(str(folder / "encoder.pt2")).module()
-    out = torch.load(folder / "output.pt", map_location="cpu", weights_only=True)
+        raise ManifestError(f"{folder}: no manifest.json; not a complete dllm2rec export")
+    manifest = read_json(mpath)
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    if schema in OLD_SCHEMAS:
+        raise ManifestError(f"{mpath}: {schema} holds a torch.export program, whose loader can unpickle (run) code; "
+                            "it is no longer loaded. Re-export the run: python -m dllm2rec export --checkpoint RUN --out DIR")
+    if schema != SCHEMA or manifest.get("complete") is not True:
+        raise ManifestError(f"{mpath}: not a complete {SCHEMA} manifest")
+    digests = manifest.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != set(FILES):
+        raise ManifestError(f"{mpath}: 'sha256' must list exactly {list(FILES)}")
+    return manifest
+
+
+def _titles(path: Path) -> list[str]:
     titles = []
-    with open(folder / "items.jsonl", encoding="utf-8") as fh:
+    with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh):
-            row = json.loads(line)
-            if row["id"] != i:
-                raise ValueError(f"{folder / 'items.jsonl'}: line {i + 1} has id {row['id']}, expected {i}")
+            try:
+                row = json.loads(line)
+                ok = row["id"] == i and isinstance(row["title"], str)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(path, f"not an {{id, title}} JSON object ({exc})", row=i + 1) from exc
+            if not ok:
+                raise DataError(path, f"expected id {i} with a string title", row=i + 1)
             titles.append(row["title"])
-    if len(titles) != manifest["n_items"] or out["weight"].shape[0] != len(titles):
-        raise ValueError(f"{folder}: items.jsonl, output.pt and the manifest disagree on the item count")
-    return ExportedStudent(encoder, out["weight"], out["bias"], titles, int(manifest["max_len"]), manifest)
+    return titles
 
 
-class _Encoder(torch.nn.Module):
-    """The student's encoder with the projected ED table as a buffer (what gets exported)."""
+def load_exported(folder: str | Path) -> ExportedStudent:
+    """Load an export folder (see module docstring). Refuses incomplete, altered or old-format folders
+    (``ManifestError``) and corrupt files (``DataError``); never unpickles."""
+    from dllm2rec.config import ModelConfig
+    from dllm2rec.models import build_student
+    from dllm2rec.readers import read_safetensors
 
-    def __init__(self, model: torch.nn.Module, ed_table: torch.Tensor | None):
-        super().__init__()
-        self.model = model
-        self.has_ed = ed_table is not None
-        if self.has_ed:
-            self.register_buffer("ed_table", ed_table.clone())
-
-    def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if self.has_ed:
-            return self.model.encode(history, lengths, None, llm_hist_projected=self.ed_table[history])
-        return self.model.encode(history, lengths, None)
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    for name, digest in manifest["sha256"].items():
+        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            raise ManifestError(f"{folder / name}: missing or sha256 differs from the manifest; the artefact was altered")
+    weights = read_safetensors(folder / "weights.safetensors")
+    ed_table = weights.pop(ED_TABLE, None)
+    titles = _titles(folder / "items.jsonl")
+    arch = manifest.get("architecture") or {}
+    try:
+        known = {f.name for f in fields(ModelConfig)}
+        model_cfg = ModelConfig(**{k: v for k, v in arch["model"].items() if k in known})
+        model = build_student(model_cfg, int(arch["n_items"]), llm_dim=arch["llm_dim"], ed_weight=arch["ed_weight"],
+                              learnable_offset=arch["learnable_offset"])
+        model.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ManifestError(f"{folder}: architecture in the manifest does not match weights.safetensors ({exc})") from exc
+    if len(titles) != manifest["n_items"] or model.output.weight.shape[0] != len(titles):
+        raise ManifestError(f"{folder}: items.jsonl, weights.safetensors and the manifest disagree on the item count")
+    if (ed_table is None) != (arch["llm_dim"] is None):
+        raise ManifestError(f"{folder}: an ED student needs '{ED_TABLE}' in weights.safetensors (and only an ED student)")
+    return ExportedStudent(model=model.eval(), titles=titles, max_len=int(manifest["max_len"]), ed_table=ed_table,
+                           config=None, run_dir=None, manifest=manifest)
 
 
 def export_student(student, out: str | Path) -> dict:
     """Write the artefact for a loaded ``serve.student.Student`` atomically; return the manifest."""
+    from safetensors.torch import save_file
+
     from dllm2rec.atomic import atomic_dir, write_manifest
     from dllm2rec.config import config_to_dict, dump_config
     from dllm2rec.data.dataset import id_map_hash
+    from dllm2rec.readers import read_json
 
     cfg = student.config
-    enc = _Encoder(student.model, student.ed_table).eval()
     n, pad, L = student.n_items, student.padding_id, student.max_len
-    example = (torch.tensor([[0] + [pad] * (L - 1), list(range(min(L, n))) + [pad] * max(0, L - n)]),
-               torch.tensor([1, min(L, n)]))
-    batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad(), warnings.catch_warnings():
-        # nn.GRU re-assigns its _flat_weights during tracing; the exported program is still
-        # correct (tests/test_export.py compares its top-k with the training code's).
-        warnings.filterwarnings("ignore", message=".*_flat_weights.*were assigned during export")
-        program = torch.export.export(enc, example, dynamic_shapes={"history": {0: batch}, "lengths": {0: batch}})
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.model.state_dict().items()}
+    if student.ed_table is not None:
+        tensors[ED_TABLE] = student.ed_table.detach().cpu().contiguous().clone()
+    llm_proj = tensors.get("embed.llm_proj.weight")
     results = {}
     if student.run_dir is not None and (student.run_dir / "results.json").is_file():
-        results = json.loads((student.run_dir / "results.json").read_text(encoding="utf-8"))
+        results = read_json(student.run_dir / "results.json")
     out = Path(out)
     with atomic_dir(out) as tmp:
-        torch.export.save(program, str(tmp / "encoder.pt2"))
-        torch.save({"weight": student.output_weight.clone().contiguous(), "bias": student.output_bias.clone().contiguous()},
-                   tmp / "output.pt")
+        save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": "pt", "schema": SCHEMA})
         with open(tmp / "items.jsonl", "w", encoding="utf-8") as fh:
             for i, t in enumerate(student.titles):
                 fh.write(json.dumps({"id": i, "title": t}, ensure_ascii=False) + "\n")
         dump_config(cfg, tmp / "config.yaml")
         manifest = {
-            "schema": SCHEMA, "format": "torch.export", "torch": torch.__version__,
+            "schema": SCHEMA, "format": "safetensors", "torch": torch.__version__,
+            "architecture": {"model": config_to_dict(cfg.model), "n_items": n,
+                             "llm_dim": None if llm_proj is None else int(llm_proj.shape[1]),
+                             "ed_weight": cfg.distill.ed.weight, "learnable_offset": cfg.distill.ed.learnable_offset},
             "n_items": n, "padding_id": pad, "max_len": L, "model": cfg.model.name,
             "hidden": int(student.output_weight.shape[1]),
             "ed": {"enabled": student.ed_table is not None, "weight": cfg.distill.ed.weight,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dllm2rec.serve.export import SCHEMA, load_exported
+from dllm2rec.serve.export import OLD_SCHEMAS, SCHEMA, load_exported
 from dllm2rec.serve.histories import FORMATS, ITEM_KINDS, ItemTable, Request, read_histories
 from dllm2rec.serve.retrieval import METHODS, build_retriever
 from dllm2rec.serve.student import load_student
@@ -62,7 +62,7 @@ def open_checkpoint(path: str | Path, dataset=None, teacher=None):
             schema = json.loads(manifest.read_text(encoding="utf-8")).get("schema")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             schema = None  # not an export manifest; the run-folder loader reports problems
-    if schema == SCHEMA:
+    if schema == SCHEMA or schema in OLD_SCHEMAS:  # an old export gets load_exported's re-export message
         return load_exported(path)
     return load_student(path, dataset, teacher)
 

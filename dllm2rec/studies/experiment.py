@@ -21,8 +21,11 @@ Each cell = base + overrides + student overrides + variant overrides + ``train.s
 ``<out>/<student>/<variant>/seed<k>/`` with ``dllm2rec.train.loop.train`` and is SKIPPED when that
 folder already has ``results.json`` (a half-finished run is resumed from its checkpoint). A
 cached run whose ``config.yaml`` differs from what the study now resolves is reported as stale
-(``--rerun-stale`` deletes and retrains it). ``--jobs 1`` trains in this process; ``--jobs N > 1``
-runs each cell as a child process (``python -m dllm2rec.studies.experiment`` worker, log in
+(``--rerun-stale`` deletes and retrains it). Each cell is trained while holding
+``<run>.lock`` (``dllm2rec.studies.cell_run``): several invocations over the same study (queue
+workers) share the grid, a cell held by another live process is skipped and reported, and a cell
+finished meanwhile is not retrained. ``--jobs 1`` trains in this process; ``--jobs N > 1``
+runs each cell as a child process (``python -m dllm2rec.studies.cell_run`` worker, log in
 ``<run>/train.log``), one GPU per job when GPUs exist. Every run uses
 ``torch.set_num_threads(threads_per_job)``.
 
@@ -36,7 +39,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +50,7 @@ from pathlib import Path
 
 from dllm2rec.errors import ConfigError
 from dllm2rec.config import read_yaml
+from dllm2rec.studies.cell_run import BUSY, FINISHED, changed_keys, lock_path, train_cell
 
 STUDENTS: dict[str, list[str]] = {
     "gru4rec": ["model.name=gru4rec", "loss.dro_alpha=0.0"],
@@ -69,8 +72,6 @@ VARIANTS: dict[str, list[str]] = {
 }
 _STUDY_KEYS = {"name", "base", "dataset", "teacher", "out", "seeds", "students", "variants", "overrides",
                "define", "k"}
-# Keys that may differ between a cached run and the current resolution without making it stale.
-_VOLATILE = {("train", "output_dir"), ("train", "progress")}
 
 
 @dataclass
@@ -201,12 +202,7 @@ def resolve(study: Study, cell: Cell):
 
 def stale_keys(study: Study, cell: Cell) -> list[str]:
     """Config keys whose cached value (``<run>/config.yaml``) differs from the current resolution."""
-    from dllm2rec.config import config_diff, config_to_dict
-
-    saved_file = cell.run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return []
-    return config_diff(read_yaml(saved_file, "run config"), config_to_dict(resolve(study, cell)), _VOLATILE)
+    return changed_keys(cell.run_dir, resolve(study, cell))
 
 
 def default_jobs() -> tuple[int, int]:
@@ -221,40 +217,48 @@ def default_jobs() -> tuple[int, int]:
     return (n_gpu if n_gpu else max(1, (os.cpu_count() or 1) // 1)), n_gpu
 
 
-def _train_here(study: Study, cell: Cell, threads: int) -> None:
-    import torch
-
-    from dllm2rec.train.loop import train
-
-    torch.set_num_threads(threads)
-    train(resolve(study, cell), resume=True)
-
-
-def _train_child(study: Study, cell: Cell, threads: int, gpu: int | None) -> None:
+def _train_child(study: Study, cell: Cell, threads: int, gpu: int | None, rerun_stale: bool) -> str:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     cell.run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dllm2rec.studies.experiment", str(threads), study.base or "-", *cell.overrides]
-    with open(cell.run_dir / "train.log", "ab") as log:
+    cmd = [sys.executable, "-m", "dllm2rec.studies.cell_run", str(threads), str(int(rerun_stale)),
+           study.base or "-", *cell.overrides]
+    log_file = cell.run_dir / "train.log"
+    with open(log_file, "ab") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        raise RuntimeError(f"exit status {rc}; see {cell.run_dir / 'train.log'}")
+    if rc == BUSY:
+        from dllm2rec.lockfile import LockBusy, read_owner
+
+        raise LockBusy(lock_path(cell.run_dir), read_owner(lock_path(cell.run_dir)))
+    if rc not in (0, FINISHED):
+        raise RuntimeError(f"exit status {rc}; see {log_file}")
+    return "finished" if rc == FINISHED else "trained"
 
 
-def run_cells(study: Study, todo: list[Cell], jobs: int, threads: int, n_gpu: int) -> dict[str, str]:
-    """Train ``todo``; returns {label: error} for failed runs (the others keep going)."""
+def run_cells(study: Study, todo: list[Cell], jobs: int, threads: int, n_gpu: int,
+              rerun_stale: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """Train ``todo``; returns ({label: error} for failed runs, {label: reason} for cells skipped
+    because another process holds or finished them). One failed cell does not stop the others."""
+    from dllm2rec.lockfile import LockBusy
+
     failures: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     done = [0]
 
     def one(cell: Cell, slot: int | None) -> None:
         t0 = time.time()
         try:
             if jobs == 1:
-                _train_here(study, cell, threads)
+                outcome = train_cell(resolve(study, cell), threads, rerun_stale)
             else:
-                _train_child(study, cell, threads, None if not n_gpu else slot % n_gpu)
-            status = "done"
+                outcome = _train_child(study, cell, threads, None if not n_gpu else slot % n_gpu, rerun_stale)
+            status = "done" if outcome == "trained" else "skipped (finished by another worker)"
+            if outcome != "trained":
+                skipped[cell.label] = "finished by another worker"
+        except LockBusy as exc:  # another worker trains it right now: not a failure
+            skipped[cell.label] = str(exc)
+            status = f"skipped (busy: {exc})"
         except Exception as exc:  # one failed cell must not lose the others
             failures[cell.label] = f"{type(exc).__name__}: {exc}"
             if jobs == 1:
@@ -266,7 +270,7 @@ def run_cells(study: Study, todo: list[Cell], jobs: int, threads: int, n_gpu: in
     if jobs == 1:
         for cell in todo:
             one(cell, 0)
-        return failures
+        return failures, skipped
     slots: queue.Queue = queue.Queue()
     for i in range(jobs):
         slots.put(i)
@@ -280,7 +284,7 @@ def run_cells(study: Study, todo: list[Cell], jobs: int, threads: int, n_gpu: in
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on child processes
         list(pool.map(with_slot, todo))
-    return failures
+    return failures, skipped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,36 +332,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     failures: dict[str, str] = {}
     if todo and not args.table_only:
-        for c in todo:
-            if c.label in stale:
-                shutil.rmtree(c.run_dir)
         print(f"{study.name}: training {len(todo)} of {len(grid)} runs ({len(grid) - len(todo)} cached), "
               f"jobs={jobs}, threads/job={threads}, gpus={n_gpu}", file=sys.stderr)
-        failures = run_cells(study, todo, jobs, threads, n_gpu)
+        failures, skipped = run_cells(study, todo, jobs, threads, n_gpu, args.rerun_stale)
+        busy = [label for label, why in skipped.items() if "held by" in why]
+        if busy:
+            print(f"note: {len(busy)} run(s) are being trained by another worker ({', '.join(busy)}); "
+                  "rerun (or --table-only) after it finishes to include them in the table", file=sys.stderr)
     # The table covers the whole study (every cached run), not only the cells --only selected.
     table = write_outputs(study, cells(study, None, args.extra), failures, stale)
     print(table["markdown"])
     for label, err in failures.items():
         print(f"error: {label}: {err}", file=sys.stderr)
     return 1 if failures else 0
-
-
-def _worker(argv: list[str]) -> int:
-    """Child-process entry: ``python -m dllm2rec.studies.experiment THREADS BASE|- OVERRIDE...``."""
-    import torch
-
-    from dllm2rec.config import load_config
-    from dllm2rec.errors import Dllm2RecError
-    from dllm2rec.train.loop import train
-
-    torch.set_num_threads(int(argv[0]))
-    try:
-        train(load_config(None if argv[1] == "-" else argv[1], argv[2:]), resume=True)
-    except Dllm2RecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1:]))
