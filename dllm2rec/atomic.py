@@ -124,7 +124,7 @@ def read_manifest(folder: str | Path, schema: str | None = None) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{p}: not valid JSON: {exc}") from exc
+        raise ManifestError(f"{p}: truncated or corrupt, not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("complete") is not True:
         raise ManifestError(f"{p}: manifest is not marked complete")
     if schema is not None and data.get("schema") != schema:

@@ -187,7 +187,9 @@ def _fmt(m: dict | None, key: str) -> str:
 
 
 def _results_table(teacher: Path, runs: dict, args, timings: dict, seconds: float) -> str:
-    tman = json.loads((teacher / "manifest.json").read_text())
+    from dllm2rec.readers import read_json
+
+    tman = read_json(teacher / "manifest.json")
     tmetrics = (tman.get("metrics") or {}).get("test")
     keys = ["hr@10", "ndcg@10", "hr@20", "ndcg@20"]
     lines = [
@@ -205,7 +207,7 @@ def _results_table(teacher: Path, runs: dict, args, timings: dict, seconds: floa
     ]
     for student, r in runs.items():
         for variant, run_dir in r.items():
-            res = json.loads((run_dir / "results.json").read_text())
+            res = read_json(run_dir / "results.json")
             name = student if variant == "none" else f"{student} + DLLM2Rec"
             lines.append(f"| {name} | all | " + " | ".join(_fmt(res.get("test"), k) for k in keys)
                          + f" | {res.get('best_epoch', '?')} |")

@@ -40,7 +40,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(path, f"{_CORRUPT} JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+        raise DataError(path, f"{_CORRUPT} JSON ({exc.msg}; line {exc.lineno} column {exc.colno})") from exc
 
 
 def read_safetensors(path: str | Path, framework: str = "pt") -> dict:

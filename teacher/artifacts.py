@@ -114,9 +114,10 @@ def gather_item_embeddings(work: Path, fp: str, n_items: int) -> np.ndarray:
 def _concat_parts(work: Path, phase: str, split: str, fp: str, expected: np.ndarray):
     """Concatenate a phase's parquet shards; check the row ids equal ``expected`` exactly once."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(p.path("parquet")) for p in finished_parts(work, phase, split, fp)])
+    from dllm2rec.readers import read_parquet
+
+    table = pa.concat_tables([read_parquet(p.path("parquet")) for p in finished_parts(work, phase, split, fp)])
     ids = table.column("row_id").to_numpy()
     uniq, counts = np.unique(ids, return_counts=True)
     dup = uniq[counts > 1]
@@ -187,12 +188,12 @@ def merge(cfg) -> dict:
 
 def read_rank_table(teacher_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     """Arrays of ``rank_<split>.parquet`` sorted by row_id (topk as [R, top_n])."""
-    import pyarrow.parquet as pq
+    from dllm2rec.readers import read_parquet
 
     p = Path(teacher_dir) / f"rank_{split}.parquet"
     if not p.is_file():
         raise DataError(p, "missing; run `teacher merge` for this split")
-    t = pq.read_table(p)
+    t = read_parquet(p)
     return {
         "row_id": t.column("row_id").to_numpy(),
         "topk_ids": np.asarray(t.column("topk_ids").to_pylist(), dtype=np.int64),

@@ -99,8 +99,7 @@ def build_embedder(cfg, progress: bool = True):
 
 def embed_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     """Embed this shard of the item titles and of every split's generated texts."""
-    import pyarrow.parquet as pq
-
+    from dllm2rec.readers import read_parquet
     from teacher.artifacts import load_teacher_data, work_dir, write_tensors
     from teacher.shards import ShardError, is_done, mark_done, part, shard_slice
 
@@ -124,7 +123,7 @@ def embed_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
             emb = run([data.titles[i] for i in ids])
             tensors = {"ids": ids, "embeddings": emb}
         else:
-            gen = pq.read_table(part(work, "generate", split, rank, world).path("parquet"))
+            gen = read_parquet(part(work, "generate", split, rank, world).path("parquet"))
             ids = gen.column("row_id").to_numpy().astype(np.int64)
             emb = embed_unique(run, gen.column("generated").to_pylist())
             tensors = {"row_id": ids, "embeddings": emb}

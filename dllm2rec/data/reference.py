@@ -341,15 +341,14 @@ def read_tocf(folder: str | Path, n_train_rows: int, *, n_items: int | None = No
 
 def export_teacher_tocf(teacher: str | Path, ds: Dataset, out: str | Path) -> None:
     """Convert a project teacher folder (``dllm2rec.teacher/1``) to ``tocf/<name>/`` for ``ds``."""
-    import pyarrow.parquet as pq
-    from safetensors.numpy import load_file
+    from dllm2rec.readers import read_parquet, read_safetensors
 
     teacher = Path(teacher)
     man = read_manifest(teacher, "dllm2rec.teacher/1")
     if man.get("id_map_hash") != ds.id_map_hash:
         raise DataError(teacher, "id_map_hash differs from the dataset's: the teacher used another item table")
-    emb = load_file(str(teacher / "item_embeddings.safetensors"))["embeddings"]
-    tab = pq.read_table(teacher / "rank_train.parquet", columns=["row_id", "topk_ids", "topk_dist"])
+    emb = read_safetensors(teacher / "item_embeddings.safetensors", "np")["embeddings"]
+    tab = read_parquet(teacher / "rank_train.parquet", columns=["row_id", "topk_ids", "topk_dist"])
     row_id = tab.column("row_id").to_numpy()
     order = np.argsort(row_id, kind="stable")
     if not np.array_equal(row_id[order], ds.splits["train"]["row_id"]):

@@ -68,12 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safetensors.torch import load_file
-
     from dllm2rec.atomic import atomic_write_json
     from dllm2rec.config import load_config
     from dllm2rec.train.distributed import is_main, make_accelerator
     from dllm2rec.errors import ManifestError
+    from dllm2rec.readers import read_safetensors
     from dllm2rec.train.inputs import load_inputs
 
     run_dir = Path(args.run)
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise ManifestError(f"{weights}: not found (did the run finish an epoch?)")
     accelerator = make_accelerator()
     inputs = load_inputs(cfg)
-    inputs.student.load_state_dict(load_file(str(weights)))
+    inputs.student.load_state_dict(read_safetensors(weights))
     inputs.student.to(accelerator.device)
     result = evaluate_split(
         inputs.student, inputs.splits[args.split], accelerator, cfg.eval.ks, chunk=cfg.loss.item_chunk,

@@ -72,11 +72,10 @@ def load_student(run_dir: str | Path, dataset: str | Path | None = None, teacher
 
     ``dataset`` / ``teacher`` override the folders recorded in config.yaml (e.g. after a move).
     """
-    from safetensors.torch import load_file
-
     from dllm2rec.config import load_config
     from dllm2rec.data.dataset import load_dataset
     from dllm2rec.models import build_student, project_llm_table
+    from dllm2rec.readers import read_safetensors
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -85,7 +84,7 @@ def load_student(run_dir: str | Path, dataset: str | Path | None = None, teacher
     wfile = run_dir / weights
     if not wfile.is_file():
         raise ManifestError(f"{wfile}: not found (did the run finish an epoch?)")
-    state = load_file(str(wfile))
+    state = read_safetensors(wfile)
     ds = load_dataset(_resolve(str(dataset or cfg.data.path), run_dir, "dataset", "--dataset"))
     if "output.weight" not in state:
         raise ManifestError(f"{wfile}: no 'output.weight' tensor; not a student checkpoint")

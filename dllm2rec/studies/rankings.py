@@ -15,14 +15,15 @@ from dllm2rec.errors import ConfigError, DataError
 def teacher_topk(teacher: str | Path, split: str, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(positions into ``row_ids`` covered by the teacher, teacher top-k Long[R', k] in that order)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from dllm2rec.readers import read_parquet
 
     f = Path(teacher) / f"rank_{split}.parquet"
     if not f.is_file():
         have = sorted(p.name for p in Path(teacher).glob("rank_*.parquet")) if Path(teacher).is_dir() else []
         raise DataError(f, f"not found: the teacher folder has no {split} ranking (has {have or 'none'}); "
                            f"run the teacher on the {split} split (teacher config 'splits') and 'teacher merge'")
-    table = pq.read_table(f, columns=["row_id", "topk_ids"])
+    table = read_parquet(f, columns=["row_id", "topk_ids"])
     col = table.column("topk_ids").combine_chunks()
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     if len(lengths) and lengths.min() < k:

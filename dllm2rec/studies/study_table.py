@@ -15,6 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
+from dllm2rec.readers import read_json
+
 METRICS = ("hr", "ndcg")
 
 
@@ -45,14 +47,13 @@ def teacher_metrics(teacher: str | Path, k: int, split: str = "test") -> dict | 
                     "source": f"{manifest} metrics.{split}"}
     rank_file = folder / f"rank_{split}.parquet"
     if rank_file.is_file():
-        import pyarrow.parquet as pq
         import torch
 
         from dllm2rec.eval.metrics import hr_ndcg
+        from dllm2rec.readers import read_parquet, read_parquet_names
 
-        cols = pq.read_schema(rank_file).names
-        if "target_rank" in cols:
-            ranks = torch.from_numpy(pq.read_table(rank_file, columns=["target_rank"]).column(0).to_numpy())
+        if "target_rank" in read_parquet_names(rank_file):
+            ranks = torch.from_numpy(read_parquet(rank_file, columns=["target_rank"]).column(0).to_numpy())
             m = hr_ndcg(ranks, (k,))
             return {**m, "source": f"{rank_file} target_rank"}
     return None
@@ -68,7 +69,7 @@ def collect(grid, k: int) -> list[dict]:
         res_file = cell.run_dir / "results.json"
         if not res_file.is_file():
             continue
-        res = json.loads(res_file.read_text(encoding="utf-8"))
+        res = read_json(res_file)
         test = res.get("test") or {}
         if any(f"{m}@{k}" not in test for m in METRICS):
             continue
