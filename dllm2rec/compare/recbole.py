@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import subprocess
@@ -36,6 +35,7 @@ import numpy as np
 
 from dllm2rec.atomic import atomic_write_json, atomic_write_text
 from dllm2rec.errors import ConfigError, DataError, TrainingError
+from dllm2rec.readers import read_json
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "launch" / "recbole"
@@ -120,7 +120,7 @@ def run_one(py: Path, data_path: Path, rb_name: str, model: str, seed: int, run_
         tail = (run_dir / "recbole.log").read_text(encoding="utf-8", errors="replace")[-1500:]
         raise TrainingError(f"RecBole {model} seed {seed} failed (exit {rc}); "
                             f"log {run_dir / 'recbole.log'}:\n{tail}")
-    res = json.loads((run_dir / "runner.json").read_text(encoding="utf-8"))
+    res = read_json(run_dir / "runner.json")
     return {**res, "command": shlex.join(cmd), "wall_seconds": round(time.time() - t0, 1)}
 
 
@@ -130,7 +130,10 @@ def finish_run(raw: dict, run_dir: Path, ds) -> dict:
         raise DataError(run_dir / "runner.json", f"RecBole used rows {raw['rows']}, the dataset has "
                                                  f"{ds.manifest['counts']}: it filtered or re-split them")
     where = run_dir / "test_ranks.npy"
-    row_rank = np.load(where, allow_pickle=False)
+    try:
+        row_rank = np.load(where, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # cut .npy header or data
+        raise DataError(where, f"truncated or corrupt .npy file ({exc})") from exc
     ranks = check_ranks(row_rank, ds.splits["test"]["row_id"], int(ds.manifest["n_items"]), where)
     ours = metrics_from_ranks(ranks)
     diff = max(max(abs(ours[f"hr@{k}"] - raw["test"][f"hit@{k}"]),
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir = out / "runs" / f"{model}-seed{seed}"
             done = run_dir / "result.json"
             if done.is_file() and not args.force:
-                res = json.loads(done.read_text(encoding="utf-8"))
+                res = read_json(done)
                 if res.get("complete") and res.get("id_map_hash") == ds.manifest["id_map_hash"]:
                     print(f"[recbole] {model} seed {seed}: reusing {done}", file=sys.stderr)
                     results.append(res)

@@ -256,7 +256,9 @@ def run(args: argparse.Namespace) -> int:
 
         dataset = load_config(Path(args.run) / "config.yaml").data.path
     if dataset is None:
-        dataset = json.loads((Path(args.teacher) / "manifest.json").read_text(encoding="utf-8")).get("dataset") \
+        from dllm2rec.readers import read_json
+
+        dataset = read_json(Path(args.teacher) / "manifest.json").get("dataset") \
             if (Path(args.teacher) / "manifest.json").is_file() else None
     if not dataset:
         raise ConfigError(f"{args.teacher}: its manifest names no dataset; pass --dataset")

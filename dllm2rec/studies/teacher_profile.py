@@ -42,10 +42,9 @@ def hit_rate(top: np.ndarray, target: np.ndarray) -> float:
 
 def profile_teacher(teacher: str | Path, dataset: str | Path, split: str = "test", k: int = 20) -> dict:
     """Profile of the teacher's ``split`` ranking against popularity and random (see module doc)."""
-    import pyarrow.parquet as pq
-
-    from dllm2rec.studies.rankings import teacher_topk
     from dllm2rec.data.dataset import load_dataset
+    from dllm2rec.readers import read_parquet, read_parquet_names
+    from dllm2rec.studies.rankings import teacher_topk
 
     ds = load_dataset(dataset)
     rows = ds.splits[split]
@@ -54,8 +53,8 @@ def profile_teacher(teacher: str | Path, dataset: str | Path, split: str = "test
     n_items = len(ds.titles)
     pop = popularity_ranking(ds.splits["train"]["target"], n_items)[:k]
     f = Path(teacher) / f"rank_{split}.parquet"
-    generated = pq.read_table(f, columns=["generated"]).column("generated").to_pylist() \
-        if "generated" in pq.read_schema(f).names else []
+    generated = read_parquet(f, columns=["generated"]).column("generated").to_pylist() \
+        if "generated" in read_parquet_names(f) else []
     if not generated:
         raise DataError(f, "no 'generated' column: not a text-generating teacher's ranking")
     texts = Counter(generated)
