@@ -90,6 +90,7 @@ def test_same_path_new_content_is_refused(base, tmp_path):
         _train(tmp_path, out, flags=["--resume"])
 
 
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")  # the progress bar's float(loss)
 def test_allowed_keys_pass_with_the_flag(base, tmp_path):
     root, run, _, _ = base
     out = _copy_run(run, tmp_path)

@@ -197,7 +197,8 @@ def folder_digest(folder: str | Path) -> str:
     embeddings; sub-folders such as a teacher's ``work/`` are not part of the artefact).
 
     Content, not the manifest alone: two teacher runs can write identical manifests. Reading the
-    files costs about one second per GB, once per training start."""
+    files costs about 1.5 s per GB (0.28 s for 200 MB measured on the 2-core dev box, page-cached),
+    once per training start."""
     folder = Path(folder)
     h = hashlib.sha256()
     for p in sorted(q for q in folder.iterdir() if q.is_file() and not q.name.startswith(".")):
@@ -214,13 +215,18 @@ def input_digests(dataset, teacher) -> dict:
             "teacher_sha256": None if teacher is None else folder_digest(teacher.path)}
 
 
+def check_allowed(allow: tuple[str, ...]) -> None:
+    """``--allow-change`` may name only ``RESUME_ALLOWED`` keys (checked before anything loads)."""
+    bad = sorted(set(allow) - set(RESUME_ALLOWED))
+    if bad:
+        raise ConfigError(f"--allow-change {', '.join(bad)}: only {', '.join(RESUME_ALLOWED)} may change on resume")
+
+
 def check_resume(folder: str | Path, saved: dict, config: dict, inputs: dict, allow: tuple[str, ...] = ()) -> None:
     """Refuse to resume ``saved`` (``load_checkpoint``) under another resolved ``config`` (a
     ``config_to_dict``) or other ``inputs`` (``input_digests``). ``allow``: keys of ``RESUME_ALLOWED``
     that may differ. ``ConfigError`` lists every refused key with its saved and new value."""
-    bad = sorted(set(allow) - set(RESUME_ALLOWED))
-    if bad:
-        raise ConfigError(f"--allow-change {', '.join(bad)}: only {', '.join(RESUME_ALLOWED)} may change on resume")
+    check_allowed(allow)
     try:
         old = yaml.safe_load(saved["config_text"]) or {}
     except yaml.YAMLError as exc:

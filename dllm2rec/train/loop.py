@@ -85,6 +85,7 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     from dllm2rec.eval.evaluate import evaluate_split
     from dllm2rec.train.objective import Encoder, StepObjective
 
+    ckpt.check_allowed(allow_change)
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator()
     world, rank, main = accelerator.num_processes, accelerator.process_index, is_main(accelerator)
