@@ -227,6 +227,10 @@ def narrow_dist(t):
     return _set_list(t, "topk_dist", lambda r: [x[:-1] for x in r], pa.float32())
 
 
+def reversed_dist(t):
+    return _set_list(t, "topk_dist", lambda r: [x[::-1] if i == 4 else x for i, x in enumerate(r)], pa.float32())
+
+
 def shift_rows(t):
     return t.set_column(0, "row_id", pa.array(t.column("row_id").to_numpy() + 1000, pa.int64()))
 
@@ -402,6 +406,7 @@ CASES = [
     P(teacher_edit(rank=shift_rows), KnowledgeError, r"has no teacher row .*another dataset or split", id="teacher-rows-other-split"),
     P(teacher_edit(rank=ragged), KnowledgeError, rf"rank_train\.parquet: row 2: column 'topk_ids' has {TOP_N - 1} entries, expected {TOP_N}", id="teacher-width-ragged"),
     P(teacher_edit(rank=narrow_dist), KnowledgeError, rf"topk_ids width {TOP_N} != topk_dist width {TOP_N - 1}", id="teacher-width-ids-vs-dist"),
+    P(teacher_edit(rank=reversed_dist), KnowledgeError, r"rank_train\.parquet: row 4: topk_dist is not ascending", id="teacher-order-reversed"),
     P(teacher_edit(manifest=lambda m: m.update(top_n=TOP_N + 3)), KnowledgeError, rf"topk_ids width {TOP_N} != manifest top_n {TOP_N + 3}", id="teacher-width-vs-manifest"),
     P(teacher_edit(manifest=lambda m: m.update(id_map_hash="0" * 64)), ManifestError, r"manifest\.json: id_map_hash '0000.* differs from the dataset's", id="teacher-manifest-hash"),
     P(teacher_edit(manifest=lambda m: m.update(n_items=N + 1)), ManifestError, rf"n_items {N + 1} != dataset n_items {N}", id="teacher-manifest-n-items"),
@@ -469,6 +474,6 @@ def test_every_promised_category_has_a_case():
     ids = [c.id for c in CASES]
     for prefix in ("csv-", "json-", "jsonl-", "gzip-", "column-", "id-not-integer", "id-out-of-range",
                    "timestamp-negative", "timestamp-missing", "history-empty", "history-too-long", "title-empty",
-                   "title-not-utf8", "teacher-rows", "teacher-width", "teacher-manifest-hash", "emb-nan", "emb-inf",
+                   "title-not-utf8", "teacher-rows", "teacher-width", "teacher-order", "teacher-manifest-hash", "emb-nan", "emb-inf",
                    "emb-width", "config-unknown-key", "config-negative-lr", "config-k-above-teacher-top-n", "path-escape"):
         assert any(i.startswith(prefix) for i in ids), prefix
