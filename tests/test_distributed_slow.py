@@ -117,7 +117,8 @@ def test_deepspeed_zero2_two_processes_and_resume(setup, single):
     env = _env(cpu=False)  # ACCELERATE_USE_CPU would make Accelerate silently drop DeepSpeed
     base = [*ACCELERATE, "--config_file", "launch/accelerate_zero2.yaml", "--num_processes", "2"]
     _run([*base, "--main_process_port", "29625", *_train_args(setup / "det.yaml", out, "train.epochs=1")], env)
-    _run([*base, "--main_process_port", "29626", *_train_args(setup / "det.yaml", out), "--resume"], env)
+    _run([*base, "--main_process_port", "29626", *_train_args(setup / "det.yaml", out), "--resume",
+          "--allow-change", "train.epochs"], env)  # epochs 1 -> the config's
     r = _results(out)
     assert r["world_size"] == 2 and r["params_identical_across_ranks"]
     assert (out / "checkpoints/last/optimizer.json").read_text().count("__object__") >= 1  # ZeRO state, no pickle

@@ -99,7 +99,7 @@ def test_resume_mid_run_matches_uninterrupted(folders, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(folders, full, "train.checkpoint_every_steps=2") == 0
     assert _train(folders, part, "train.epochs=1") == 0
-    assert _train(folders, part, "--resume") == 0
+    assert _train(folders, part, "--resume", "--allow-change", "train.epochs") == 0  # epochs 1 -> 2
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert len(b) == 2

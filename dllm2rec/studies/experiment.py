@@ -47,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from dllm2rec.errors import ConfigError
 from dllm2rec.config import read_yaml
 from dllm2rec.studies.cell_run import BUSY, FINISHED, changed_keys, lock_path, train_cell
