@@ -230,7 +230,9 @@ def check_resume(folder: str | Path, saved: dict, config: dict, inputs: dict, al
     try:
         old = yaml.safe_load(saved["config_text"]) or {}
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{Path(folder) / 'config.yaml'}: not valid YAML: {exc}") from exc
+        old = exc
+    if not isinstance(old, dict):
+        raise ManifestError(f"{Path(folder) / 'config.yaml'}: truncated or corrupt, not a YAML mapping ({old})")
     flat_old, flat_new = _flat(old), _flat(config)
     refused = [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
                for k in config_diff(old, config, RESUME_IGNORED) if k not in allow]
