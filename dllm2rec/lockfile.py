@@ -7,8 +7,8 @@ the lock exists, and a lock that exists is always complete (never a half-written
 Stale locks: a lock whose owner ran on THIS host and is gone (no process with that pid, or a
 process with that pid but another start time: the pid was reused) is taken over. A lock from
 another host cannot be checked and is never taken over; the error names the owner so a person
-can remove it. The takeover runs under an ``fcntl.flock`` on ``<lock>.guard`` (owners on the same
-host only), so two processes that both find the same stale lock cannot both take it.
+can remove it. The takeover runs under an ``fcntl.flock`` on the lock's folder (takers on the
+same host only), so two processes that both find the same stale lock cannot both take it.
 """
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def acquire(path: str | Path) -> dict:
     record = _record()
     if _link(path, record):
         return record
-    with open(path.with_name(path.name + ".guard"), "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # one taker at a time; released when the file closes
+    guard = os.open(path.parent, os.O_RDONLY)  # flock on the folder: no guard file is left behind
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one taker at a time; released when the descriptor closes
         owner = read_owner(path)
         if owner is None:  # released meanwhile
             if _link(path, record):
@@ -120,6 +121,8 @@ def acquire(path: str | Path) -> dict:
             if _link(path, record):
                 return record
             owner = read_owner(path)
+    finally:
+        os.close(guard)
     raise LockBusy(path, owner)
 
 

@@ -56,7 +56,8 @@ def test_two_processes_work_each_cell_exactly_once(tmp_path):
         assert p.wait(timeout=60) == 0, p.stderr.read()
     logs = [(tmp_path / f"cell{i}" / "log").read_text().split() for i in range(40)]
     assert all(len(lines) == 1 for lines in logs), [x for x in logs if len(x) != 1]
-    assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob(".*.tmp"))  # released, no leftovers
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"go"} - {f"cell{i}" for i in range(40)}
+    assert not leftovers  # every lock released, no temporary or guard files
 
 
 def _dead_pid() -> int:
@@ -80,6 +81,31 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
     _write_lock(lock, pid=os.getpid(), start="1")
     release(lock, acquire(lock))
     assert not lock.exists()
+
+
+_TAKER = """
+import sys, time
+from pathlib import Path
+from dllm2rec.lockfile import LockBusy, acquire
+root = Path(sys.argv[1])
+while not (root / "go").exists():
+    time.sleep(0.001)
+try:
+    acquire(root / "c.lock")
+    print("won", flush=True)
+    time.sleep(1.0)  # alive while the other one looks
+except LockBusy:
+    print("busy", flush=True)
+"""
+
+
+def test_two_processes_racing_for_one_stale_lock_one_wins(tmp_path):
+    _write_lock(tmp_path / "c.lock", pid=_dead_pid())
+    procs = [subprocess.Popen([sys.executable, "-c", _TAKER, str(tmp_path)], env=_env(), cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(0.5)
+    (tmp_path / "go").write_text("")
+    assert sorted(p.communicate(timeout=60)[0].strip() for p in procs) == ["busy", "won"]
 
 
 def test_live_or_foreign_host_lock_is_respected(tmp_path):
