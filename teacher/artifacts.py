@@ -171,6 +171,11 @@ def merge(cfg) -> dict:
         "normalized": False,
         "distance": "l2",
         "index": cfg.ground.index,
+        # True when the ranking uses collaborative statistics of the training split (teacher/collab.py)
+        "collaborative": cfg.ground.collab != "none",
+        "collab": None if cfg.ground.collab == "none" else {
+            "kind": cfg.ground.collab, "gamma": cfg.ground.gamma, "dim": cfg.ground.collab_dim,
+            "neighbours": cfg.ground.collab_neighbours, "distance": "l2 * (1 + collab) ** -gamma"},
         "top_n": cfg.ground.top_n,
         "emb_dim": int(items.shape[1]),
         "emb_dtype": cfg.embed.store_dtype,

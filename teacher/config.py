@@ -51,6 +51,12 @@ class GroundConfig:
     recall_sample: int = 256  # approximate indexes: queries checked against exact search
     min_recall: float = 0.0  # > 0: fail if recall@top_n of an approximate index is lower
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    # collaborative grounding (teacher/collab.py): dist * (1 + collab) ** -gamma over all items;
+    # "none" = plain L2 grounding. popularity | cooc make the teacher carry collaborative information.
+    collab: str = "none"
+    gamma: float = 0.0  # >= 0; 0 = plain grounding exactly; choose on validation
+    collab_dim: int = 64  # cooc: item factors (truncated SVD of the training PPMI matrix)
+    collab_neighbours: int = 200  # cooc: items mined by FAISS per row; the others get collab 0
 
 
 @dataclass
@@ -85,12 +91,13 @@ _CHOICES = {
     "embed.engine": {"vllm", "hf"},
     "embed.store_dtype": {"float32", "float16"},
     "ground.index": {"flat", "ivf", "hnsw"},
+    "ground.collab": {"none", "popularity", "cooc"},
     "phase_process": {"subprocess", "inprocess"},
 }
 _POSITIVE = {
     "model.max_model_len", "generate.beam_width", "generate.max_new_tokens", "generate.batch_size",
     "embed.batch_size", "ground.top_n", "ground.batch_size", "ground.nlist", "ground.nprobe",
-    "ground.hnsw_m", "ground.ef_search", "ground.recall_sample",
+    "ground.hnsw_m", "ground.ef_search", "ground.recall_sample", "ground.collab_dim", "ground.collab_neighbours",
 }
 
 
@@ -110,6 +117,8 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
     for key in ("limit", "limits.train", "limits.valid", "limits.test", "generate.threads", "embed.threads"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.ground.gamma < 0:
+        raise ConfigError(f"{source}: 'ground.gamma' must be >= 0, got {cfg.ground.gamma!r}")
     if not 0.0 <= cfg.ground.min_recall <= 1.0:
         raise ConfigError(f"{source}: 'ground.min_recall' must be in [0, 1]")
     bad = [s for s in cfg.splits if s not in ("train", "valid", "test")]

@@ -23,4 +23,6 @@ def embed_fingerprint(cfg, data) -> str:
 
 def ground_fingerprint(cfg, data) -> str:
     g = cfg.ground
-    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, embed_fingerprint(cfg, data))
+    collab = () if g.collab == "none" else (g.collab, g.gamma, g.collab_dim, g.collab_neighbours)
+    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, *collab,
+                       embed_fingerprint(cfg, data))
