@@ -33,7 +33,8 @@ class GenerateConfig:
 
 @dataclass
 class EmbedConfig:
-    engine: str = "vllm"  # vllm | hf
+    engine: str = "vllm"  # vllm | hf (the base LLM, last token) | sentence (embed.model, mean pooling)
+    model: str = "minilm"  # engine sentence only: "minilm" (all-MiniLM-L6-v2 via pip) or a local encoder folder
     batch_size: int = 64
     store_dtype: str = "float32"  # dtype of item_embeddings.safetensors: float32 | float16
     threads: int = 2
@@ -88,7 +89,7 @@ _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "generate.engine": {"vllm", "hf"},
     "generate.decoding": {"greedy", "beam"},
-    "embed.engine": {"vllm", "hf"},
+    "embed.engine": {"vllm", "hf", "sentence"},
     "embed.store_dtype": {"float32", "float16"},
     "ground.index": {"flat", "ivf", "hnsw"},
     "ground.collab": {"none", "popularity", "cooc"},

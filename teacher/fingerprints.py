@@ -17,6 +17,8 @@ def generate_fingerprint(cfg, data) -> str:
 
 
 def embed_fingerprint(cfg, data) -> str:
+    if cfg.embed.engine == "sentence":  # the LLM plays no part in these vectors
+        return fingerprint("embed", "sentence", cfg.embed.model, generate_fingerprint(cfg, data))
     return fingerprint("embed", cfg.model.base, cfg.model.dtype, cfg.embed.engine,
                        generate_fingerprint(cfg, data))
 
