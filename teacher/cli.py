@@ -9,6 +9,8 @@ Phases (each skips shards already finished for the same config):
   ground        exact L2 top-n items per row (FAISS), gt distance, teacher rank of the target
   merge         check shards and write the teacher folder (docs/ARCHITECTURE.md)
   run           generate -> embed -> ground (-> merge when world == 1)
+  constrained   beam search over the catalogue-title trie: K distinct real items per row by
+                log-probability (score kind logprob); --merge writes the teacher folder
   export-tocf   reference-code tocf files from a teacher folder
   bench         vLLM vs transformers, FAISS vs torch; markdown table
 Shard selection: --rank/--world, else SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD_SIZE, else 0/1.
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate -> embed -> ground (-> merge) for this shard")
     _common(r)
     r.add_argument("--phases", default="generate,embed,ground,merge", help="comma-separated subset")
+    c = sub.add_parser("constrained", help="constrained beam-search ranking for this shard (transformers)")
+    _common(c)
+    c.add_argument("--merge", action="store_true", help="only merge finished shards into the teacher folder")
     e = sub.add_parser("export-tocf", help="write reference tocf files from a teacher folder")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
@@ -136,6 +141,19 @@ def _items_ready(cfg) -> bool:
     return True
 
 
+def _constrained(args) -> int:
+    from teacher.constrained import merge_constrained
+
+    if not args.merge:
+        stats = _phase("constrained", args)
+        if stats["world"] > 1:
+            print(f"shard {stats['rank']}/{stats['world']} done; run `teacher constrained --merge` once every shard has finished")
+            return 0
+    manifest = merge_constrained(_config(args), progress=not args.quiet)
+    print(json.dumps({"merged": manifest["splits"], "metrics": manifest["metrics"]}))
+    return 0
+
+
 def _merge(args) -> None:
     from teacher.artifacts import merge
 
@@ -171,6 +189,8 @@ def run(argv: list[str] | None = None) -> int:
             _phase(args.phase, args)
         elif args.phase == "merge":
             _merge(args)
+        elif args.phase == "constrained":
+            return _constrained(args)
         elif args.phase == "run":
             return _run(args)
         elif args.phase == "export-tocf":

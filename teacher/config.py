@@ -61,6 +61,15 @@ class GroundConfig:
 
 
 @dataclass
+class ConstrainedConfig:
+    """``teacher constrained``: beam search over the catalogue-title trie (teacher/trie.py)."""
+
+    k: int = 20  # distinct items per row (the teacher's top_n)
+    beam_width: int = 20  # >= k
+    length_penalty: float = 0.0  # score = logp / n_branching ** length_penalty (ghost tokens never count)
+
+
+@dataclass
 class SplitLimits:
     """Rows per split the teacher processes (0 = fall back to ``limit``). The first rows of a
     split in its time order are taken, so a subset is a documented, reproducible prefix."""
@@ -83,6 +92,7 @@ class TeacherConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
+    constrained: ConstrainedConfig = field(default_factory=ConstrainedConfig)
 
 
 _CHOICES = {
@@ -99,6 +109,7 @@ _POSITIVE = {
     "model.max_model_len", "generate.beam_width", "generate.max_new_tokens", "generate.batch_size",
     "embed.batch_size", "ground.top_n", "ground.batch_size", "ground.nlist", "ground.nprobe",
     "ground.hnsw_m", "ground.ef_search", "ground.recall_sample", "ground.collab_dim", "ground.collab_neighbours",
+    "constrained.k", "constrained.beam_width",
 }
 
 
@@ -120,6 +131,8 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
     if cfg.ground.gamma < 0:
         raise ConfigError(f"{source}: 'ground.gamma' must be >= 0, got {cfg.ground.gamma!r}")
+    if cfg.constrained.beam_width < cfg.constrained.k or cfg.constrained.length_penalty < 0:
+        raise ConfigError(f"{source}: need constrained.beam_width >= constrained.k and length_penalty >= 0")
     if not 0.0 <= cfg.ground.min_recall <= 1.0:
         raise ConfigError(f"{source}: 'ground.min_recall' must be in [0, 1]")
     bad = [s for s in cfg.splits if s not in ("train", "valid", "test")]
