@@ -11,6 +11,7 @@ Phases (each skips shards already finished for the same config):
   run           generate -> embed -> ground (-> merge when world == 1)
   constrained   beam search over the catalogue-title trie: K distinct real items per row by
                 log-probability (score kind logprob); --merge writes the teacher folder
+  sweep-gamma   collaborative grounding (ground.collab): validation HR/NDCG per gamma
   export-tocf   reference-code tocf files from a teacher folder
   bench         vLLM vs transformers, FAISS vs torch; markdown table
 Shard selection: --rank/--world, else SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD_SIZE, else 0/1.
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("constrained", help="constrained beam-search ranking for this shard (transformers)")
     _common(c)
     c.add_argument("--merge", action="store_true", help="only merge finished shards into the teacher folder")
+    s = sub.add_parser("sweep-gamma", help="collaborative grounding: HR/NDCG per gamma on validation (no writes)")
+    _common(s, shards=False)
+    s.add_argument("--gammas", default="0,0.5,1,2,4,8,16", help="comma-separated gamma values")
+    s.add_argument("--split", default="valid", choices=["valid", "test", "train"])
+    s.add_argument("--select", default="ndcg@20", help="metric that picks the best gamma")
     e = sub.add_parser("export-tocf", help="write reference tocf files from a teacher folder")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
@@ -189,6 +195,10 @@ def run(argv: list[str] | None = None) -> int:
             _phase(args.phase, args)
         elif args.phase == "merge":
             _merge(args)
+        elif args.phase == "sweep-gamma":
+            from teacher.collab_sweep import run_sweep
+
+            run_sweep(_config(args), args.gammas, args.split, args.select)
         elif args.phase == "constrained":
             return _constrained(args)
         elif args.phase == "run":

@@ -91,3 +91,23 @@ def test_ground_phase_collab_gamma_zero_matches_plain_and_is_labelled(tmp_path):
     assert mp["metrics"] == mz["metrics"] and mpop["collab"]["gamma"] == 3.0
     with pytest.raises(ConfigError, match="ground.gamma"):
         teacher_cfg(ds, tmp_path / "x", "ground.gamma=-1")
+
+
+def test_sweep_gamma_reads_the_embed_shards_and_gamma_zero_is_plain(tmp_path):
+    from tests.test_teacher_fast import fake_llm_shards, teacher_cfg, tiny_dataset
+    from teacher.artifacts import merge
+    from teacher.collab_sweep import run_sweep
+    from teacher.ground import ground_phase
+
+    ds = tiny_dataset(tmp_path / "ds", n_rows=(30, 6, 6))
+    plain = teacher_cfg(ds, tmp_path / "t")
+    fake_llm_shards(plain, 0, 1)
+    ground_phase(plain, 0, 1, progress=False)
+    m = merge(plain)
+    cfg = teacher_cfg(ds, tmp_path / "t", "ground.collab=popularity", "ground.ks=[1,5]")
+    res = run_sweep(cfg, "0,1,50", "valid", "ndcg@5")
+    assert [r["gamma"] for r in res["results"]] == [0.0, 1.0, 50.0] and res["rows"] == 6
+    assert res["results"][0]["hr@5"] == m["metrics"]["valid"]["hr@5"]
+    assert (tmp_path / "t" / "gamma_sweep_popularity_valid.md").is_file()
+    with pytest.raises(ConfigError, match="gammas"):
+        run_sweep(cfg, "0,-1", "valid", "ndcg@5")
