@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows", type=int, default=64, help="prompts per measurement")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--out", default="runs/bench/teacher_bench.md")
-    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground")
+    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,hf_constrained,vllm_embed,hf_embed,sentence_embed,ground")
 
     _add_finetune_parsers(sub)
     return parser
