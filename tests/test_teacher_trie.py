@@ -143,3 +143,28 @@ def test_hf_stepper_beam_search_matches_full_forward_and_generate_obeys_the_trie
                          pad_token_id=0, eos_token_id=39)
     for row in out[:, len(prompt):].tolist():
         assert row[: row.index(39) + 1] in seqs
+
+
+@pytest.mark.llm
+@pytest.mark.slow  # ~2 min on the shared 2-core machine (7 rows, two model loads, MiniLM twice)
+def test_constrained_phase_with_smollm2_writes_a_loadable_teacher_folder(tmp_path):
+    from dllm2rec.data.dataset import load_dataset
+    from dllm2rec.data.knowledge import load_teacher
+    from teacher.cli import run
+    from tests.test_teacher_fast import TITLES, tiny_dataset
+
+    ds = tiny_dataset(tmp_path / "ds", n_rows=(3, 2, 2))
+    args = ["--config", "launch/configs/teacher_ml100k.yaml", f"dataset={ds}", f"output_dir={tmp_path / 't'}",
+            "model.dtype=float32", "generate.threads=1", "embed.threads=1", "embed.engine=sentence",
+            "constrained.k=4", "constrained.beam_width=4", "--quiet"]
+    assert run(["constrained", *args]) == 0
+    know = load_teacher(tmp_path / "t", load_dataset(ds))  # the students' loader accepts the folder
+    assert know.topk_ids.shape == (3, 4) and know.embeddings.shape[1] == 384
+    for ids, dist in zip(know.topk_ids, know.topk_dist):
+        assert len(set(ids.tolist())) == 4 and all(0 <= i < len(TITLES) for i in ids)
+        assert (dist >= 0).all() and (np.diff(dist) >= 0).all()  # -logprob, ascending
+    import json
+
+    m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert m["score_kind"] == "logprob" and m["distance"] == "neg_logprob" and set(m["metrics"]) == {"train", "valid", "test"}
+    assert run(["constrained", *args]) == 0  # finished shards are skipped, the merge is redone
