@@ -91,25 +91,22 @@ def constrained_phase(cfg, rank: int, world: int, progress: bool = True) -> dict
 
     from teacher.artifacts import load_teacher_data, split_prompts, work_dir, write_parquet
     from teacher.ground import _list_column
-    from teacher.model import load_hf_model, load_tokenizer, resolve_adapter, resolve_base_model
-    from teacher.shards import is_done, mark_done, part, shard_slice
+    from teacher.model import generation_model, load_hf_model, load_tokenizer
+    from teacher.shards import mark_done, part, pending, shard_slice
     from teacher.trie import build_title_trie
 
     data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp = constrained_fingerprint(cfg, data)
     work = work_dir(cfg)
-    todo = [s for s in cfg.splits if not is_done(part(work, "constrained", s, rank, world), fp)]
-    stats: dict = {"skipped": [s for s in cfg.splits if s not in todo], "done": []}
+    todo, stats = pending(work, "constrained", cfg.splits, rank, world, fp)
     if not todo:
         return stats
-    base = resolve_base_model(cfg.model.base)
-    adapter = resolve_adapter(cfg.model.adapter)
-    path = adapter[1] if adapter and adapter[0] == "merged" else base
+    path, lora = generation_model(cfg)
     if cfg.generate.threads:
         import torch
 
         torch.set_num_threads(cfg.generate.threads)
-    model = load_hf_model(path, cfg.model.dtype, adapter=adapter[1] if adapter and adapter[0] == "lora" else None)
+    model = load_hf_model(path, cfg.model.dtype, adapter=lora)
     tok = load_tokenizer(path)
     trie, seqs = build_title_trie(tok, data.titles)
     c = cfg.constrained

