@@ -168,3 +168,14 @@ def test_constrained_phase_with_smollm2_writes_a_loadable_teacher_folder(tmp_pat
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert m["score_kind"] == "logprob" and m["distance"] == "neg_logprob" and set(m["metrics"]) == {"train", "valid", "test"}
     assert run(["constrained", *args]) == 0  # finished shards are skipped, the merge is redone
+
+
+def test_bench_table_compares_constrained_beam_search_with_greedy():
+    from teacher.bench import _table
+    from teacher.config import load_teacher_config
+
+    res = [("greedy", "transformers", 16, 40.0, 6.5), ("constrained_beam20_k20", "transformers", 4, 40.0, 6.5),
+           ("embed", "transformers", 32, 8.0, 6.5), ("embed", "sentence-minilm", 32, 0.5, 0.2)]
+    md = _table(res, load_teacher_config(None), (1.0,), (1.0,), 1)
+    assert "| constrained_beam20_k20 | transformers | 4 | 40.00 | 0.10 | 0.25x greedy |" in md
+    assert "| embed | sentence-minilm | 32 | 0.50 | 64.00 | 16.00x |" in md and "| greedy | transformers | 16 | 40.00 | 0.40 | 1.00x (ref) |" in md
