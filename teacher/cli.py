@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gammas", default="0,0.5,1,2,4,8,16", help="comma-separated gamma values")
     s.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     s.add_argument("--select", default="ndcg@20", help="metric that picks the best gamma")
+    s.add_argument("--rows", default=":", help="start:stop positions of the split's embedded rows (held-out checks)")
     e = sub.add_parser("export-tocf", help="write reference tocf files from a teacher folder")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
@@ -198,7 +199,7 @@ def run(argv: list[str] | None = None) -> int:
         elif args.phase == "sweep-gamma":
             from teacher.collab_sweep import run_sweep
 
-            run_sweep(_config(args), args.gammas, args.split, args.select)
+            run_sweep(_config(args), args.gammas, args.split, args.select, args.rows)
         elif args.phase == "constrained":
             return _constrained(args)
         elif args.phase == "run":

@@ -111,3 +111,7 @@ def test_sweep_gamma_reads_the_embed_shards_and_gamma_zero_is_plain(tmp_path):
     assert (tmp_path / "t" / "gamma_sweep_popularity_valid.md").is_file()
     with pytest.raises(ConfigError, match="gammas"):
         run_sweep(cfg, "0,-1", "valid", "ndcg@5")
+    part = run_sweep(cfg, "0", "valid", "ndcg@5", "2:5")
+    assert part["rows"] == 3 and (tmp_path / "t" / "gamma_sweep_popularity_valid_rows2-5.json").is_file()
+    with pytest.raises(ConfigError, match="selects no row"):
+        run_sweep(cfg, "0", "valid", "ndcg@5", "50:60")
