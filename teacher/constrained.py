@@ -9,9 +9,12 @@ list. Output per shard: ``work/constrained/<split>/part-*.parquet`` + ``.done`` 
 ``merge_constrained(cfg)`` (``--merge``, automatic when world == 1) writes the teacher folder
 (schema ``dllm2rec.teacher/1``) with the columns of ``teacher/artifacts.py``:
 
-- ``topk_ids``: the K items, best first; ``topk_dist`` = **-(sequence log-probability)** in nats
-  (non-negative, ascending: a distance-like column, score kind ``logprob`` in the manifest);
-- ``gt_dist`` = -(log-probability of the ground-truth title); ``generated`` = the best title;
+- ``topk_ids``: the K items, best first; ``topk_scores`` = their sequence log-probabilities
+  (nats, descending, <= 0); ``topk_dist`` = ``s_1 - s_k`` (>= 0, ascending; 0 for the top item):
+  score kind ``logprob`` mapped as ``teacher import`` maps it, so the official RD confidence
+  ``exp(-d_k)`` normalised over the K candidates is the model's ``p_k / sum_j p_j``;
+- ``gt_dist`` = ``max(s_1 - s_gt, 0)`` with ``s_gt`` the log-probability of the ground-truth
+  title; ``generated`` = the best title;
 - ``target_rank`` = 1-based position of the target in the list, or K + 1 when it is not in it
   (so HR/NDCG@k are exact for k <= K; the manifest's metrics stop at K).
 - ``item_embeddings.safetensors`` from ``embed.engine`` over the titles (ED needs them).
@@ -63,7 +66,8 @@ class HFStepper:
 
 
 def rank_rows(model, tokenizer, trie, seqs, prompts, targets, k: int, beam_width: int, length_penalty: float):
-    """Beam search for each prompt; returns [R, k] ids, -logp, best index, gt -logp, target rank."""
+    """Beam search for each prompt; returns ids int64 [R, k], their log-probs float32 [R, k]
+    (descending), the target's log-prob float32 [R] and its 1-based rank (k + 1 if absent) [R]."""
     from teacher.trie import trie_beam_search
 
     ids = np.empty((len(prompts), k), np.int64)
@@ -77,8 +81,8 @@ def rank_rows(model, tokenizer, trie, seqs, prompts, targets, k: int, beam_width
         if len(res["items"]) < k:
             raise ValueError(f"beam search found {len(res['items'])} < {k} items; raise constrained.beam_width")
         ids[i] = res["items"]
-        dist[i] = -res["logp"]
-        gt[i] = -res["forced_logp"]
+        dist[i] = res["logp"]  # raw sequence log-probabilities; rank_rows' caller maps them to d
+        gt[i] = res["forced_logp"]
         hit = np.flatnonzero(res["items"] == int(target))
         ranks[i] = hit[0] + 1 if len(hit) else k + 1
     return ids, dist, gt, ranks
@@ -120,13 +124,20 @@ def constrained_phase(cfg, rank: int, world: int, progress: bool = True) -> dict
             for acc, arr in zip(out, rank_rows(model, tok, trie, seqs, prompts[s:s + 16], targets[s:s + 16],
                                                c.k, c.beam_width, c.length_penalty)):
                 acc.append(arr)
-        ids, dist, gt, ranks = (np.concatenate(a) if a else np.zeros((0, c.k) if j < 2 else 0) for j, a in enumerate(out))
+        ids, logp, gt_logp, ranks = (np.concatenate(a) if a else np.zeros((0, c.k) if j < 2 else 0) for j, a in enumerate(out))
         secs = time.perf_counter() - t0
+        logp = logp.reshape(-1, c.k)
+        # score kind logprob -> distance-like d_k = s_1 - s_k (0 for the top item), as teacher
+        # import does: the official RD confidence exp(-d_k) normalised = p_k / sum_j p_j
+        top = logp[:, :1] if len(logp) else np.zeros((0, 1))
+        dist = top - logp
+        gt = np.maximum(top[:, 0] - gt_logp, 0.0) if len(logp) else np.zeros(0)
         table = pa.table({
             "row_id": pa.array(rows["row_id"][sl], pa.int64()),
             "generated": pa.array([data.titles[int(r[0])] for r in ids], pa.string()),
             "topk_ids": _list_column(ids.reshape(-1, c.k).astype(np.int32)),
-            "topk_dist": _list_column(dist.reshape(-1, c.k).astype(np.float32)),
+            "topk_dist": _list_column(dist.astype(np.float32)),
+            "topk_scores": _list_column(logp.astype(np.float32)),
             "gt_dist": pa.array(np.asarray(gt, np.float32), pa.float32()),
             "target_rank": pa.array(np.asarray(ranks, np.int64), pa.int64()),
         })
@@ -167,7 +178,7 @@ def merge_constrained(cfg, progress: bool = True) -> dict:
         "decoding": {"mode": "constrained_beam", "beam_width": cfg.constrained.beam_width,
                      "length_penalty": cfg.constrained.length_penalty, "ghost_tokens": "log-prob 0, not counted"},
         "score_kind": SCORE_KIND,
-        "distance": "neg_logprob",  # topk_dist / gt_dist = -(sequence log-probability), nats
+        "distance": "logprob_gap",  # topk_dist = s_1 - s_k, gt_dist = max(s_1 - s_gt, 0); scores in topk_scores
         "pooling": "mean" if cfg.embed.engine == "sentence" else "last",
         "normalized": cfg.embed.engine == "sentence",
         "collaborative": False,

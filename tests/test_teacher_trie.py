@@ -162,11 +162,11 @@ def test_constrained_phase_with_smollm2_writes_a_loadable_teacher_folder(tmp_pat
     assert know.topk_ids.shape == (3, 4) and know.embeddings.shape[1] == 384
     for ids, dist in zip(know.topk_ids, know.topk_dist):
         assert len(set(ids.tolist())) == 4 and all(0 <= i < len(TITLES) for i in ids)
-        assert (dist >= 0).all() and (np.diff(dist) >= 0).all()  # -logprob, ascending
+        assert dist[0] == 0 and (np.diff(dist) >= 0).all()  # s_1 - s_k, ascending
     import json
 
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
-    assert m["score_kind"] == "logprob" and m["distance"] == "neg_logprob" and set(m["metrics"]) == {"train", "valid", "test"}
+    assert m["score_kind"] == "logprob" and m["distance"] == "logprob_gap" and set(m["metrics"]) == {"train", "valid", "test"}
     assert run(["constrained", *args]) == 0  # finished shards are skipped, the merge is redone
 
 
