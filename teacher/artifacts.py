@@ -168,10 +168,16 @@ def merge(cfg) -> dict:
         "engine": {"generate": cfg.generate.engine, "embed": cfg.embed.engine, "dtype": cfg.model.dtype},
         "decoding": {"mode": cfg.generate.decoding, "beam_width": cfg.generate.beam_width if cfg.generate.decoding == "beam" else 1,
                      "max_new_tokens": cfg.generate.max_new_tokens},
-        "pooling": "last",
-        "normalized": False,
+        "pooling": "mean" if cfg.embed.engine == "sentence" else "last",
+        "normalized": cfg.embed.engine == "sentence",
+        "embed_model": cfg.embed.model if cfg.embed.engine == "sentence" else cfg.model.base,
         "distance": "l2",
         "index": cfg.ground.index,
+        # True when the ranking uses collaborative statistics of the training split (teacher/collab.py)
+        "collaborative": cfg.ground.collab != "none",
+        "collab": None if cfg.ground.collab == "none" else {
+            "kind": cfg.ground.collab, "gamma": cfg.ground.gamma, "dim": cfg.ground.collab_dim,
+            "neighbours": cfg.ground.collab_neighbours, "distance": "l2 * (1 + collab) ** -gamma"},
         "top_n": cfg.ground.top_n,
         "emb_dim": int(items.shape[1]),
         "emb_dtype": cfg.embed.store_dtype,

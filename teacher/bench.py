@@ -3,7 +3,10 @@
 Measures (median of ``repeats`` timed runs after one warm-up, engine start-up reported apart):
 - greedy generation rows/s: vLLM vs transformers ``generate`` (left-padded batches);
 - beam search (width ``generate.beam_width``) rows/s on a quarter of the rows;
-- embedding rows/s (item titles): vLLM pooling runner vs transformers hidden states;
+- constrained beam search (``hf_constrained``: K distinct catalogue items per row over the title
+  trie, width ``constrained.beam_width``) rows/s on a quarter of the rows, vs transformers greedy;
+- embedding rows/s (item titles): vLLM pooling runner vs transformers hidden states, and the
+  all-MiniLM-L6-v2 sentence encoder (``sentence_embed``) against the same transformers reference;
 - grounding: FAISS IndexFlatL2 top-n vs exact ``torch.cdist`` + argsort, on a Games-sized
   catalogue (17,408 items x emb_dim, random vectors: only the timing matters here).
 Prompts come from the config's dataset (first training rows). Writes a markdown table to stdout
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-ALL = ("vllm_greedy", "hf_greedy", "vllm_beam", "hf_beam", "vllm_embed", "hf_embed", "ground")
+ALL = ("vllm_greedy", "hf_greedy", "vllm_beam", "hf_beam", "hf_constrained", "vllm_embed", "hf_embed",
+       "sentence_embed", "ground")
 
 
 def _timed(fn, repeats: int) -> float:
@@ -39,7 +43,7 @@ def _inputs(cfg, rows: int):
     data = load_teacher_data(cfg.dataset)
     ps = split_prompts(data, "train", slice(0, rows))
     titles = data.titles[: rows * 2]
-    return ps, titles
+    return ps, titles, data
 
 
 def run_bench(cfg, rows: int, repeats: int, out: str, only: list[str] | None = None) -> str:
@@ -53,7 +57,7 @@ def run_bench(cfg, rows: int, repeats: int, out: str, only: list[str] | None = N
     if unknown:
         raise ValueError(f"--only: unknown measurement(s) {unknown}; choose from {ALL}")
     path = resolve_base_model(cfg.model.base)
-    prompts, titles = _inputs(cfg, rows)
+    prompts, titles, data = _inputs(cfg, rows)
     beam_rows = prompts[: max(4, len(prompts) // 4)]
     g, dtype, threads = cfg.generate, cfg.model.dtype, cfg.generate.threads or None
     res: list[tuple[str, str, int, float, float | None]] = []  # (what, engine, rows, median s, start s)
@@ -83,7 +87,7 @@ def run_bench(cfg, rows: int, repeats: int, out: str, only: list[str] | None = N
         record("embed", "vllm", len(titles), lambda: vllm_embed(emb, titles, len(titles), progress=False), start)
         del emb
         gc.collect()
-    if any(k in only for k in ("hf_greedy", "hf_beam", "hf_embed")):
+    if any(k in only for k in ("hf_greedy", "hf_beam", "hf_constrained", "hf_embed")):
         import torch
 
         if threads:
@@ -98,8 +102,23 @@ def run_bench(cfg, rows: int, repeats: int, out: str, only: list[str] | None = N
         if "hf_beam" in only:
             record(f"beam{g.beam_width}", "transformers", len(beam_rows), lambda: hf_generate(
                 model, tok, beam_rows, "beam", g.beam_width, g.max_new_tokens, bs, progress=False), start)
+        if "hf_constrained" in only:  # K distinct catalogue items per row (teacher/constrained.py)
+            from teacher.constrained import rank_rows
+            from teacher.trie import build_title_trie
+
+            trie, seqs = build_title_trie(tok, data.titles)
+            c, targets = cfg.constrained, data.splits["train"]["target"][: len(beam_rows)]
+            record(f"constrained_beam{c.beam_width}_k{c.k}", "transformers", len(beam_rows), lambda: rank_rows(
+                model, tok, trie, seqs, beam_rows, targets, c.k, c.beam_width, c.length_penalty), start)
         if "hf_embed" in only:
             record("embed", "transformers", len(titles), lambda: hf_embed(model, tok, titles, bs, progress=False), start)
+    if "sentence_embed" in only:  # all-MiniLM-L6-v2, mean pooling (teacher/sentence.py)
+        from teacher.sentence import load_sentence_model, mean_pool_embed, resolve_sentence_model
+
+        t0 = time.perf_counter()
+        enc, enc_tok = load_sentence_model(resolve_sentence_model(cfg.embed.model))
+        start = time.perf_counter() - t0
+        record("embed", "sentence-minilm", len(titles), lambda: mean_pool_embed(enc, enc_tok, titles, len(titles)), start)
     if "ground" in only:
         import faiss
         import torch
@@ -128,7 +147,7 @@ def run_bench(cfg, rows: int, repeats: int, out: str, only: list[str] | None = N
 def _table(res, cfg, load0, load1, repeats) -> str:
     base = {}
     for what, engine, n, secs, _ in res:
-        if engine in ("transformers", "torch-cdist"):
+        if engine in ("transformers", "torch-cdist") and not what.startswith("constrained"):
             base[what] = n / secs
     lines = [
         f"# Teacher benchmark ({platform.machine()}, {os.cpu_count()} CPUs, dtype {cfg.model.dtype}, "
@@ -140,8 +159,12 @@ def _table(res, cfg, load0, load1, repeats) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for what, engine, n, secs, start in res:
-        ref = base.get(what)
-        ratio = f"{(n / secs) / ref:.2f}x" if ref and engine not in ("transformers", "torch-cdist") else "1.00x (ref)" if ref else "-"
+        if what.startswith("constrained"):  # against transformers greedy on the same prompts
+            ref = base.get("greedy")
+            ratio = f"{(n / secs) / ref:.2f}x greedy" if ref else "-"
+        else:
+            ref = base.get(what)
+            ratio = f"{(n / secs) / ref:.2f}x" if ref and engine not in ("transformers", "torch-cdist") else "1.00x (ref)" if ref else "-"
         lines.append(f"| {what} | {engine} | {n} | {secs:.2f} | {n / secs:.2f} | {ratio} | "
                      f"{'-' if start is None else f'{start:.1f}'} |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,9 @@ Phases (each skips shards already finished for the same config):
   ground        exact L2 top-n items per row (FAISS), gt distance, teacher rank of the target
   merge         check shards and write the teacher folder (docs/ARCHITECTURE.md)
   run           generate -> embed -> ground (-> merge when world == 1)
+  constrained   beam search over the catalogue-title trie: K distinct real items per row by
+                log-probability (score kind logprob); --merge writes the teacher folder
+  sweep-gamma   collaborative grounding (ground.collab): validation HR/NDCG per gamma
   export-tocf   reference-code tocf files from a teacher folder
   bench         vLLM vs transformers, FAISS vs torch; markdown table
 Shard selection: --rank/--world, else SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD_SIZE, else 0/1.
@@ -52,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate -> embed -> ground (-> merge) for this shard")
     _common(r)
     r.add_argument("--phases", default="generate,embed,ground,merge", help="comma-separated subset")
+    c = sub.add_parser("constrained", help="constrained beam-search ranking for this shard (transformers)")
+    _common(c)
+    c.add_argument("--merge", action="store_true", help="only merge finished shards into the teacher folder")
+    s = sub.add_parser("sweep-gamma", help="collaborative grounding: HR/NDCG per gamma on validation (no writes)")
+    _common(s, shards=False)
+    s.add_argument("--gammas", default="0,0.5,1,2,4,8,16", help="comma-separated gamma values")
+    s.add_argument("--split", default="valid", choices=["valid", "test", "train"])
+    s.add_argument("--select", default="ndcg@20", help="metric that picks the best gamma")
+    s.add_argument("--rows", default=":", help="start:stop positions of the split's embedded rows (held-out checks)")
     e = sub.add_parser("export-tocf", help="write reference tocf files from a teacher folder")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
@@ -61,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows", type=int, default=64, help="prompts per measurement")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--out", default="runs/bench/teacher_bench.md")
-    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground")
+    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,hf_constrained,vllm_embed,hf_embed,sentence_embed,ground")
 
     _add_finetune_parsers(sub)
     return parser
@@ -136,6 +148,19 @@ def _items_ready(cfg) -> bool:
     return True
 
 
+def _constrained(args) -> int:
+    from teacher.constrained import merge_constrained
+
+    if not args.merge:
+        stats = _phase("constrained", args)
+        if stats["world"] > 1:
+            print(f"shard {stats['rank']}/{stats['world']} done; run `teacher constrained --merge` once every shard has finished")
+            return 0
+    manifest = merge_constrained(_config(args), progress=not args.quiet)
+    print(json.dumps({"merged": manifest["splits"], "metrics": manifest["metrics"]}))
+    return 0
+
+
 def _merge(args) -> None:
     from teacher.artifacts import merge
 
@@ -171,6 +196,12 @@ def run(argv: list[str] | None = None) -> int:
             _phase(args.phase, args)
         elif args.phase == "merge":
             _merge(args)
+        elif args.phase == "sweep-gamma":
+            from teacher.collab_sweep import run_sweep
+
+            run_sweep(_config(args), args.gammas, args.split, args.select, args.rows)
+        elif args.phase == "constrained":
+            return _constrained(args)
         elif args.phase == "run":
             return _run(args)
         elif args.phase == "export-tocf":

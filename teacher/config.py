@@ -33,7 +33,8 @@ class GenerateConfig:
 
 @dataclass
 class EmbedConfig:
-    engine: str = "vllm"  # vllm | hf
+    engine: str = "vllm"  # vllm | hf (the base LLM, last token) | sentence (embed.model, mean pooling)
+    model: str = "minilm"  # engine sentence only: "minilm" (all-MiniLM-L6-v2 via pip) or a local encoder folder
     batch_size: int = 64
     store_dtype: str = "float32"  # dtype of item_embeddings.safetensors: float32 | float16
     threads: int = 2
@@ -51,6 +52,21 @@ class GroundConfig:
     recall_sample: int = 256  # approximate indexes: queries checked against exact search
     min_recall: float = 0.0  # > 0: fail if recall@top_n of an approximate index is lower
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    # collaborative grounding (teacher/collab.py): dist * (1 + collab) ** -gamma over all items;
+    # "none" = plain L2 grounding. popularity | cooc make the teacher carry collaborative information.
+    collab: str = "none"
+    gamma: float = 0.0  # >= 0; 0 = plain grounding exactly; choose on validation
+    collab_dim: int = 64  # cooc: item factors (truncated SVD of the training PPMI matrix)
+    collab_neighbours: int = 200  # cooc: items mined by FAISS per row; the others get collab 0
+
+
+@dataclass
+class ConstrainedConfig:
+    """``teacher constrained``: beam search over the catalogue-title trie (teacher/trie.py)."""
+
+    k: int = 20  # distinct items per row (the teacher's top_n)
+    beam_width: int = 20  # >= k
+    length_penalty: float = 0.0  # score = logp / n_branching ** length_penalty (ghost tokens never count)
 
 
 @dataclass
@@ -76,21 +92,24 @@ class TeacherConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
+    constrained: ConstrainedConfig = field(default_factory=ConstrainedConfig)
 
 
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "generate.engine": {"vllm", "hf"},
     "generate.decoding": {"greedy", "beam"},
-    "embed.engine": {"vllm", "hf"},
+    "embed.engine": {"vllm", "hf", "sentence"},
     "embed.store_dtype": {"float32", "float16"},
     "ground.index": {"flat", "ivf", "hnsw"},
+    "ground.collab": {"none", "popularity", "cooc"},
     "phase_process": {"subprocess", "inprocess"},
 }
 _POSITIVE = {
     "model.max_model_len", "generate.beam_width", "generate.max_new_tokens", "generate.batch_size",
     "embed.batch_size", "ground.top_n", "ground.batch_size", "ground.nlist", "ground.nprobe",
-    "ground.hnsw_m", "ground.ef_search", "ground.recall_sample",
+    "ground.hnsw_m", "ground.ef_search", "ground.recall_sample", "ground.collab_dim", "ground.collab_neighbours",
+    "constrained.k", "constrained.beam_width",
 }
 
 
@@ -110,6 +129,10 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
     for key in ("limit", "limits.train", "limits.valid", "limits.test", "generate.threads", "embed.threads"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.ground.gamma < 0:
+        raise ConfigError(f"{source}: 'ground.gamma' must be >= 0, got {cfg.ground.gamma!r}")
+    if cfg.constrained.beam_width < cfg.constrained.k or cfg.constrained.length_penalty < 0:
+        raise ConfigError(f"{source}: need constrained.beam_width >= constrained.k and length_penalty >= 0")
     if not 0.0 <= cfg.ground.min_recall <= 1.0:
         raise ConfigError(f"{source}: 'ground.min_recall' must be in [0, 1]")
     bad = [s for s in cfg.splits if s not in ("train", "valid", "test")]

@@ -5,7 +5,9 @@
   ``teacher.model.vllm_engine(..., runner="pooling")``).
 - ``hf_embed(model, tokenizer, texts, batch_size)``: transformers reference,
   ``output_hidden_states=True``, last layer at the last non-pad token (right padding).
-Both return float32 ``[len(texts), d]``. A text is embedded alone (no prompt). An empty text
+- ``embed.engine: sentence``: a sentence encoder instead of the LLM (``teacher.sentence``,
+  all-MiniLM-L6-v2 by default: mean pooling, L2-normalised, 384-d).
+All return float32 ``[len(texts), d]``. A text is embedded alone (no prompt). An empty text
 (the model produced no answer) is embedded as ``'""'`` so that every row gets a vector.
 
 ``embed_phase(cfg, rank, world)``: the sharded, resumable phase. It writes
@@ -79,11 +81,21 @@ def embed_unique(run, texts: Sequence[str]) -> np.ndarray:
 
 
 def build_embedder(cfg, progress: bool = True):
-    """``texts -> float32 [n, d]`` with the base model and the configured engine."""
+    """``texts -> float32 [n, d]``: the base LLM (vllm | hf, last token, raw) or, with
+    ``embed.engine: sentence``, the sentence encoder ``embed.model`` (mean pooling, L2-normalised)."""
     from teacher.model import load_hf_model, load_tokenizer, resolve_base_model, vllm_engine
 
-    base = resolve_base_model(cfg.model.base)
     e = cfg.embed
+    if e.engine == "sentence":
+        from teacher.sentence import load_sentence_model, mean_pool_embed, resolve_sentence_model
+
+        if e.threads:
+            import torch
+
+            torch.set_num_threads(e.threads)
+        enc, enc_tok = load_sentence_model(resolve_sentence_model(e.model))
+        return lambda texts: mean_pool_embed(enc, enc_tok, _clean(texts), e.batch_size)
+    base = resolve_base_model(cfg.model.base)
     if e.engine == "vllm":
         llm = vllm_engine(base, "pooling", dtype=cfg.model.dtype, threads=e.threads or None,
                           max_model_len=cfg.model.max_model_len, seed=cfg.seed)

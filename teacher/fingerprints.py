@@ -17,10 +17,14 @@ def generate_fingerprint(cfg, data) -> str:
 
 
 def embed_fingerprint(cfg, data) -> str:
+    if cfg.embed.engine == "sentence":  # the LLM plays no part in these vectors
+        return fingerprint("embed", "sentence", cfg.embed.model, generate_fingerprint(cfg, data))
     return fingerprint("embed", cfg.model.base, cfg.model.dtype, cfg.embed.engine,
                        generate_fingerprint(cfg, data))
 
 
 def ground_fingerprint(cfg, data) -> str:
     g = cfg.ground
-    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, embed_fingerprint(cfg, data))
+    collab = () if g.collab == "none" else (g.collab, g.gamma, g.collab_dim, g.collab_neighbours)
+    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, *collab,
+                       embed_fingerprint(cfg, data))

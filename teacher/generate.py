@@ -104,12 +104,9 @@ def hf_generate(
 
 def build_generator(cfg, progress: bool = True):
     """A callable ``prompts -> completions`` for ``cfg`` (a ``TeacherConfig``), plus a description."""
-    from teacher.model import load_hf_model, load_tokenizer, lora_rank, resolve_adapter, resolve_base_model, vllm_engine
+    from teacher.model import generation_model, load_hf_model, load_tokenizer, lora_rank, vllm_engine
 
-    base = resolve_base_model(cfg.model.base)
-    adapter = resolve_adapter(cfg.model.adapter)
-    model_path = adapter[1] if adapter and adapter[0] == "merged" else base
-    lora = adapter[1] if adapter and adapter[0] == "lora" else None
+    model_path, lora = generation_model(cfg)
     g = cfg.generate
     if g.engine == "vllm":
         llm = vllm_engine(
@@ -139,13 +136,12 @@ def generate_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     import pyarrow as pa
 
     from teacher.artifacts import load_teacher_data, split_prompts, work_dir, write_parquet
-    from teacher.shards import is_done, mark_done, part, shard_slice
+    from teacher.shards import mark_done, part, pending, shard_slice
 
     data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp = generate_fingerprint(cfg, data)
     work = work_dir(cfg)
-    todo = [s for s in cfg.splits if not is_done(part(work, "generate", s, rank, world), fp)]
-    stats: dict = {"skipped": [s for s in cfg.splits if s not in todo], "done": []}
+    todo, stats = pending(work, "generate", cfg.splits, rank, world, fp)
     if not todo:
         return stats
     run = build_generator(cfg, progress)

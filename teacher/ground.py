@@ -10,7 +10,9 @@
   own HR/NDCG through ``metrics_from_ranks``.
 - ``ground_phase(cfg, rank, world)``: sharded, resumable; writes ``work/ground/<split>/part-*.parquet``
   with ``row_id``, ``topk_ids`` list<int32>, ``topk_dist`` list<float32>, ``gt_dist`` float32,
-  ``target_rank`` int64. Needs the finished item-embedding shards of ALL ranks.
+  ``target_rank`` int64. Needs the finished item-embedding shards of ALL ranks. With
+  ``ground.collab`` popularity | cooc the distances are ``teacher.collab``'s adjusted ones
+  (``l2 * (1 + collab) ** -gamma``, exact over all items) and the teacher is collaborative.
 """
 from __future__ import annotations
 
@@ -136,21 +138,25 @@ def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
         if q.shape[1] != items.shape[1]:
             raise ShardError(f"{src.path('safetensors')}: embedding width {q.shape[1]} != item width {items.shape[1]}")
         t0 = time.perf_counter()
-        ids, dist = search(q, items, g.top_n, g.index, g.batch_size, built=idx)
+        targets = np.array([target_of[int(r)] for r in row_id], np.int64)
         info: dict = {}
-        if g.index != "flat" and len(q):
+        if g.collab != "none":
+            ids, dist, gt, ranks = _collab_ground(cfg, data, split, row_id, q, items, targets)
+        else:
+            ids, dist = search(q, items, g.top_n, g.index, g.batch_size, built=idx)
+            gt, ranks = gt_distance(q, items, targets), target_ranks(q, items, targets)
+        if g.index != "flat" and g.collab == "none" and len(q):
             n = min(g.recall_sample, len(q))
             exact, _ = search(q[:n], items, g.top_n, "flat")
             info["recall"] = recall(ids[:n], exact)
             if info["recall"] < g.min_recall:
                 raise ShardError(f"ground.index={g.index}: recall@{g.top_n} {info['recall']:.4f} < ground.min_recall {g.min_recall}")
-        targets = np.array([target_of[int(r)] for r in row_id], np.int64)
         table = pa.table({
             "row_id": pa.array(row_id, pa.int64()),
             "topk_ids": _list_column(ids.astype(np.int32)),
             "topk_dist": _list_column(dist.astype(np.float32)),
-            "gt_dist": pa.array(gt_distance(q, items, targets), pa.float32()),
-            "target_rank": pa.array(target_ranks(q, items, targets), pa.int64()),
+            "gt_dist": pa.array(gt, pa.float32()),
+            "target_rank": pa.array(ranks, pa.int64()),
         })
         p = part(work, "ground", split, rank, world)
         write_parquet(table, p.path("parquet"))
@@ -158,3 +164,32 @@ def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
         mark_done(p, fp, rows=int(len(row_id)), seconds=round(secs, 3), **info)
         stats["done"].append({"split": split, "rows": int(len(row_id)), "seconds": round(secs, 3), **info})
     return stats
+
+
+def _collab_ground(cfg, data, split: str, row_id: np.ndarray, q: np.ndarray, items: np.ndarray,
+                   targets: np.ndarray, block: int = 4096):
+    """``teacher.collab.collab_rank`` for this shard's rows, in blocks (a [block, N] score matrix).
+
+    Collaborative statistics come from the dataset's FULL training split (never valid/test),
+    whatever ``limits.train`` says about the rows the teacher ranks.
+    """
+    from dllm2rec.data.dataset import load_dataset
+    from teacher.collab import collab_rank, collab_scores, cooccurrence_factors
+
+    g = cfg.ground
+    train = load_dataset(cfg.dataset).splits["train"]
+    cols = data.splits[split]
+    where = {int(r): i for i, r in enumerate(cols["row_id"])}
+    idx = np.array([where[int(r)] for r in row_id], np.int64)
+    rows = {"history": cols["history"][idx], "history_len": cols["history_len"][idx]}
+    factors = (cooccurrence_factors(train["history"], train["history_len"], train["target"], data.n_items, g.collab_dim)
+               if g.collab == "cooc" else None)
+    out = []
+    for s in range(0, len(idx), block):
+        part_rows = {k: v[s:s + block] for k, v in rows.items()}
+        score = collab_scores(g.collab, train, part_rows, data.n_items, g.collab_dim, g.collab_neighbours, factors)
+        out.append(collab_rank(q[s:s + block], items, score, g.gamma, g.top_n, targets[s:s + block]))
+    if not out:
+        z = np.zeros((0, g.top_n))
+        return z.astype(np.int64), z.astype(np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    return tuple(np.concatenate(parts) for parts in zip(*out))

@@ -170,6 +170,15 @@ def resolve_adapter(spec: str) -> tuple[str, Path] | None:
     raise ModelError(f"{path}: neither a PEFT LoRA adapter (adapter_config.json) nor a merged HF model (config.json)")
 
 
+def generation_model(cfg) -> tuple[Path, Path | None]:
+    """(model folder, PEFT LoRA folder or None) that generates for a teacher config: a merged
+    adapter replaces the base model; a LoRA adapter is applied on top of it."""
+    base = resolve_base_model(cfg.model.base)
+    adapter = resolve_adapter(cfg.model.adapter)
+    model_path = adapter[1] if adapter and adapter[0] == "merged" else base
+    return model_path, (adapter[1] if adapter and adapter[0] == "lora" else None)
+
+
 def lora_rank(adapter: Path) -> int:
     """The LoRA rank ``r`` recorded in a PEFT adapter folder."""
     try:

