@@ -15,7 +15,7 @@ Each stage is measured from outside: wall time, and peak RSS = the stage process
 mark (VmHWM from /proc, polled). A stage is killed when it passes ``--stage-timeout`` seconds or
 ``--max-rss-gb`` (polled from /proc), and later stages of that size are skipped: the table says so
 and nothing is extrapolated. All stages run with ``OMP_NUM_THREADS=--threads`` (default 1: the
-machine is shared). Folders go under ``--work`` (deleted per size unless ``--keep``).
+machine is shared). Folders go under ``--work`` (deleted per size unless ``--keep`` or a stage failed).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def measure_size(n_inter: int, n_items: int, args, stages: list[str]) -> list[di
         print(json.dumps(row), flush=True)
         if row["status"] != "ok":
             failed = name
-    if not args.keep:
+    if not args.keep and not failed:  # a failed size keeps its folder (stage logs) for inspection
         shutil.rmtree(folder, ignore_errors=True)
     return rows
 

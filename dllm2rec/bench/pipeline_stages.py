@@ -5,9 +5,9 @@ and peak RSS are its own).
 - ``generate``: the skewed synthetic log (``dllm2rec.bench.synthlog.write_log``).
 - ``teacher``: a teacher folder (schema ``dllm2rec.teacher/1``) for a dataset from RANDOM LLM
   vectors: item embeddings ~ N(0, 1) [N, dim]; the "generated text" embedding of train row r is its
-  target's embedding plus N(0, noise^2) noise. Grounding = FAISS top-``top_n`` by L2 through
-  ``teacher.ground.build_index`` (exact ``IndexFlatL2`` up to ``FLAT_MAX_ITEMS`` items, IVF above,
-  nlist ~ sqrt(N) capped at 1024, nprobe 16), queries in chunks; ``rank_train.parquet`` is written
+  target's embedding plus N(0, noise^2) noise. Grounding = FAISS top-``top_n`` by L2 (exact
+  ``IndexFlatL2`` up to ``FLAT_MAX_ITEMS`` items, ``IndexIVFFlat`` above, nlist ~ sqrt(N) capped at
+  1024, nprobe 16), queries in chunks; ``rank_train.parquet`` is written
   chunk by chunk (``pyarrow.parquet.ParquetWriter``), so memory is O(N x dim + chunk), not O(rows).
   Only the train split is grounded (what the student reads); the teacher's own full-ranking
   ``target_rank`` is not computed (it is an exact pass over all items per row).
@@ -25,8 +25,22 @@ FLAT_MAX_ITEMS = 50_000
 _CHUNK = 65536
 
 
+def _ivf(items: np.ndarray, nlist: int, nprobe: int):
+    """A trained, empty ``IndexIVFFlat`` (L2; FAISS keeps the quantizer alive and subsamples
+    256 points per list for k-means)."""
+    import faiss
+
+    quantizer = faiss.IndexFlatL2(items.shape[1])
+    idx = faiss.IndexIVFFlat(quantizer, items.shape[1], nlist, faiss.METRIC_L2)
+    idx.train(items)
+    idx.nprobe = nprobe
+    return idx
+
+
 def random_teacher(dataset: str | Path, out: str | Path, dim: int = 64, top_n: int = 20, seed: int = 0,
-                   noise: float = 1.0) -> dict:
+                   noise: float = 1.0, index: str = "auto") -> dict:
+    """Write the teacher folder ``out`` for the dataset folder ``dataset``; returns its manifest.
+    ``index``: "auto" (flat up to ``FLAT_MAX_ITEMS`` items, else ivf), "flat" or "ivf"."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -35,8 +49,6 @@ def random_teacher(dataset: str | Path, out: str | Path, dim: int = 64, top_n: i
 
     from dllm2rec.atomic import atomic_dir, read_manifest, write_manifest
     from dllm2rec.data.dataset import SCHEMA, split_columns
-    from teacher.ground import build_index
-
     manifest = read_manifest(Path(dataset), SCHEMA)
     n = int(manifest["n_items"])
     train = split_columns(dataset, "train", ["row_id", "target"])
@@ -44,8 +56,11 @@ def random_teacher(dataset: str | Path, out: str | Path, dim: int = 64, top_n: i
     items = rng.standard_normal((n, dim), dtype=np.float32)
     faiss.omp_set_num_threads(1)
     t0 = time.perf_counter()
-    index = "flat" if n <= FLAT_MAX_ITEMS else "ivf"
-    idx = build_index(items, index, nlist=min(1024, int(math.sqrt(n))), nprobe=16)
+    if index not in ("auto", "flat", "ivf"):
+        raise ValueError(f"index must be auto, flat or ivf, got {index!r}")
+    index = ("flat" if n <= FLAT_MAX_ITEMS else "ivf") if index == "auto" else index
+    idx = faiss.IndexFlatL2(dim) if index == "flat" else _ivf(items, min(1024, int(math.sqrt(n))), 16)
+    idx.add(items)
     build_s = time.perf_counter() - t0
     rows = len(train["row_id"])
     list_type = {"ids": pa.list_(pa.int32()), "dist": pa.list_(pa.float32())}
