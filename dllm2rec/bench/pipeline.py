@@ -170,7 +170,7 @@ def _details(folder: Path, name: str) -> dict:
     try:
         if name == "prepare":
             m = json.loads((folder / "dataset" / "manifest.json").read_text())
-            return {"rows": m["counts"], "users": m.get("stats", {}).get("users")}
+            return {"rows": m["counts"], "users": m.get("stats", {}).get("users"), "n_items": m["n_items"]}
         if name == "train":
             rec = json.loads((folder / "run" / "metrics.jsonl").read_text().splitlines()[-1])
             return {"epoch_seconds": rec["train_seconds"], "epoch_eval_seconds": rec["eval_seconds"]}
@@ -188,7 +188,8 @@ def markdown(rows: list[dict], argv: str) -> str:
     for r in rows:
         notes = ""
         if "rows" in r:
-            notes = f"rows {r['rows']['train']:,}/{r['rows']['valid']:,}/{r['rows']['test']:,}, users {r.get('users') or 0:,}"
+            notes = (f"rows {r['rows']['train']:,}/{r['rows']['valid']:,}/{r['rows']['test']:,}, users {r.get('users') or 0:,}, "
+                     f"items in the log {r['n_items']:,}")
         if "epoch_seconds" in r:
             notes = f"epoch {r['epoch_seconds']:.1f} s + valid/test evaluation {r['epoch_eval_seconds']:.1f} s"
         growth = ""
