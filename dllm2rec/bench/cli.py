@@ -6,6 +6,7 @@
 | eval  | dllm2rec.bench.train | full-ranking evaluation only |
 | scale | dllm2rec.bench.scale | step time / peak memory vs catalogue size, 1 vs 2 processes, DDP vs ZeRO-2 |
 | serve | dllm2rec.bench.serve | serving throughput / latency |
+| pipeline | dllm2rec.bench.pipeline | generate -> prepare -> teacher -> train -> evaluate at 1M+ interactions: seconds, peak RSS |
 
 To add a benchmark: write a module with ``add_arguments(parser)`` and ``run(args) -> int`` and add
 one line to ``BENCHMARKS``. Benchmark modules must import heavy dependencies inside functions.
@@ -20,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "eval": ("dllm2rec.bench.train", "full-ranking evaluation of 14,980 rows over 17,408 items"),
     "scale": ("dllm2rec.bench.scale", "step time and peak memory for 20k/200k/2M items, 1 vs 2 processes, DDP vs ZeRO-2"),
     "serve": ("dllm2rec.bench.serve", "serving throughput and latency (students vs the LLM teacher)"),
+    "pipeline": ("dllm2rec.bench.pipeline", "whole pipeline on a synthetic skewed log: seconds and peak RSS per stage"),
 }
 
 

@@ -228,6 +228,23 @@ def _to_numpy(table: pa.Table, L: int, where: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def split_columns(path: str | Path, split: str, columns: list[str]) -> dict[str, np.ndarray]:
+    """Selected numeric columns of one split straight from its memory-mapped Arrow files.
+
+    For stages that need a few columns of a large dataset (e.g. ``row_id`` and ``target``):
+    nothing else is read or converted (``load_dataset`` builds every column, users as Python
+    strings). Checks the manifest (complete, schema) and the row count; returns int64 arrays."""
+    path = Path(path)
+    manifest = read_manifest(path, SCHEMA)
+    table = _read_arrow_split(path, split)
+    missing = [c for c in columns if c not in table.column_names or c in ("user", "history")]
+    if missing:
+        raise ManifestError(f"{path}/splits/{split}: no numeric column(s) {', '.join(missing)}")
+    if table.num_rows != manifest["counts"].get(split):
+        raise ManifestError(f"{path}: split {split} has {table.num_rows} rows, manifest says {manifest['counts'].get(split)}")
+    return {c: np.asarray(table.column(c).to_numpy(), dtype=np.int64) for c in columns}
+
+
 def load_dataset(path: str | Path) -> Dataset:
     """Load and validate a prepared dataset folder; refuses incomplete or inconsistent ones."""
     path = Path(path)

@@ -12,6 +12,8 @@ used directly (they are parameters of the wrapped module, so their gradients are
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -47,12 +49,19 @@ class StepObjective:
         self.log_q = torch.log((counts + 1) / (counts + 1).sum()).float()
         self.llm_table = teacher.embeddings if (teacher is not None and cfg.distill.ed.enabled) else None
         self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
+        # Optional ``timer(name)`` context manager: ``bench train --profile`` times the sections
+        # "forward: encoder", "forward: DRO catalogue pass" and "forward: RD" with it.
+        self.timer = None
+
+    def _section(self, name: str):
+        return contextlib.nullcontext() if self.timer is None else self.timer(name)
 
     def __call__(self, encoder: nn.Module, student: nn.Module, batch: Batch,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         chunk = cfg.loss.item_chunk
-        h = encoder(batch.history, batch.lengths, self.llm_table)
+        with self._section("forward: encoder"):
+            h = encoder(batch.history, batch.lengths, self.llm_table)
         weight, bias = student.output.weight, student.output.bias
         terms: dict[str, torch.Tensor] = {}
         neg_logits = None
@@ -74,13 +83,15 @@ class StepObjective:
             official = self.rd_k and cfg.distill.rd.variant == "official" and obj == "bce"
             cols = torch.cat([batch.target[:, None], batch.cand], 1) if official else batch.target[:, None]
             # With RD on, the same score pass also yields the student's top-k (consistency weight).
-            out = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk,
-                                  topk=self.rd_k)
+            with self._section("forward: DRO catalogue pass"):
+                out = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk,
+                                      topk=self.rd_k)
             dro, top = out if self.rd_k else (out, None)
             terms["dro"] = alpha * dro[:, 0].mean()
             dro_cand = dro[:, 1:] if official else None
         if self.rd_k:
-            terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand, top))
+            with self._section("forward: RD"):
+                terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand, top))
         return terms
 
     def _rd(self, h, weight, bias, batch: Batch, neg_logits, dro_cand, top) -> dict[str, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""bench train helpers: the per-step profile (parts present, adding up, the optimizer really steps)
+and the revision export behind ``--compare``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dllm2rec.bench.step_profile import profile_markdown, profile_steps
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
+    from dllm2rec.bench.train import bench_config
+    from dllm2rec.data.dataset import load_dataset
+
+    root = tmp_path_factory.mktemp("bt")
+    ds = synthetic_dataset(root / "ds", n_items=300, n_train=1200, n_valid=64, n_test=64)
+    teacher = synthetic_teacher(root / "t", load_dataset(ds), top_n=20, emb_dim=32, emb_dtype="float16")
+    return bench_config(ds, teacher, root / "run", 1)
+
+
+def test_profile_parts_cover_the_step_and_optimizer_steps(tiny_cfg, monkeypatch):
+    from dllm2rec.bench import step_profile
+    from dllm2rec.train import loop
+
+    before = {}
+    real = loop.make_optimizer
+
+    def spy(module, cfg):  # remember the initial weights of the profiled model
+        before.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+        before["_module"] = module
+        return real(module, cfg)
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    p = profile_steps(tiny_cfg, steps=3, warmup=1)
+    expected = {"batch", "forward: ED gather/projection", "forward: encoder (rest)", "forward: DRO catalogue pass",
+                "forward: RD", "forward: base loss + other", "backward: DRO catalogue pass",
+                "backward: ED gather/projection", "backward: rest", "optimizer"}
+    assert set(p["parts"]) == expected and p["steps"] == 3
+    assert p["parts"]["forward: DRO catalogue pass"] > 0 and p["parts"]["backward: DRO catalogue pass"] > 0
+    assert p["parts"]["forward: ED gather/projection"] > 0 and p["parts"]["backward: ED gather/projection"] > 0
+    assert 0.5 * p["step"] < sum(p["parts"].values()) < 1.5 * p["step"]
+    module = before.pop("_module")
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+    assert "student.output.weight" in changed and "student.embed.llm_proj.weight" in changed
+    text = "\n".join(profile_markdown(p))
+    assert "backward: DRO catalogue pass" in text and "**whole step**" in text
+    del step_profile
+
+
+def test_export_revision(tmp_path):
+    from dllm2rec.bench.compare import export_revision, repo_root
+
+    root = repo_root()
+    commit = export_revision(root, "HEAD", tmp_path / "old")
+    assert len(commit) == 40 and (tmp_path / "old" / "dllm2rec" / "bench" / "train.py").is_file()
+    with pytest.raises(SystemExit, match="not a commit"):
+        export_revision(root, "no-such-ref-xyz", tmp_path / "bad")
