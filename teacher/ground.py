@@ -35,7 +35,8 @@ def build_index(items: np.ndarray, index: str = "flat", nlist: int = 64, nprobe:
         idx = faiss.IndexFlatL2(d)
     elif index == "ivf":
         nlist = max(1, min(nlist, items.shape[0] // 4 or 1))  # k-means needs several points per list
-        idx = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), nlist, faiss.METRIC_L2)
+        # the Python wrapper keeps the quantizer alive for the index's lifetime
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
         idx.train(items)
         idx.nprobe = min(nprobe, nlist)
     elif index == "hnsw":

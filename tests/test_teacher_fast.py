@@ -138,6 +138,12 @@ def test_faiss_topn_equals_bruteforce_and_is_unsquared():
     assert np.array_equal(target_ranks(q, items, ids[:, 19]), np.full(70, 20))
     hnsw, _ = search(q, items, 20, "hnsw", ef_search=256)
     assert recall(hnsw, ref_ids) > 0.9
+    # IVF: probing every list is exact; probing a few lists is approximate but close
+    ivf_all, ivf_all_dist = search(q, items, 20, "ivf", nlist=8, nprobe=8)
+    assert np.array_equal(ivf_all, ref_ids)
+    np.testing.assert_allclose(ivf_all_dist, ref_dist, rtol=1e-4, atol=1e-4)
+    ivf_few, _ = search(q, items, 20, "ivf", nlist=8, nprobe=4)
+    assert 0.5 < recall(ivf_few, ref_ids) < 1.0 + 1e-9
     with pytest.raises(ConfigError, match="top_n"):
         search(q, items[:5], 20)
 
