@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows", type=int, default=64, help="prompts per measurement")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--out", default="runs/bench/teacher_bench.md")
-    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground")
+    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground"
+                   " (with --compare: finetune,greedy,embed)")
+    b.add_argument("--compare", action="store_true", help="old vs new CPU paths, alternating (teacher/bench_compare.py)")
+    b.add_argument("--finetune-config", default="launch/configs/teacher_finetune_ml100k.yaml",
+                   help="--compare: the fine-tune config whose LoRA and micro-batch are timed")
+    b.add_argument("--finetune-rows", type=int, default=8, help="--compare: training prompts per fine-tune run")
 
     _add_finetune_parsers(sub)
     return parser
@@ -179,6 +184,14 @@ def run(argv: list[str] | None = None) -> int:
             print(export_tocf(args.teacher, args.out, args.top_n))
         elif args.phase in ("finetune", "merge-lora"):
             return _run_finetune_phase(args)
+        elif args.phase == "bench" and args.compare:
+            from teacher.bench_compare import run_compare
+            from teacher.finetune import load_finetune_config
+
+            cfg = _config(args)
+            ft = load_finetune_config(args.finetune_config, [f"dataset={cfg.dataset}"])
+            run_compare(cfg, ft, args.rows, args.finetune_rows, args.repeats, args.out,
+                        [s for s in args.only.split(",") if s])
         elif args.phase == "bench":
             from teacher.bench import run_bench
 
