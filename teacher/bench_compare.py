@@ -12,11 +12,13 @@ Pairs ("old" = the default before issue 16, "new" = the default after it):
   fp32 vs ``torch.autocast("cpu", bfloat16)``, which is what Accelerate applies for
   ``mixed_precision: bf16``. Check: the training loss of the same batches under both.
 - ``greedy``: greedy generation rows/s with vLLM (the config's dtype and base weights): vLLM
-  called per ``generate.batch_size`` chunk (old) vs one call for all rows. Check: the extracted
+  called per ``generate.batch_size`` rows (old) vs per ``greedy_batch`` rows (new). Check: the extracted
   answers (``prompts.extract_answer``) of both paths, equal rows / all rows. A second row times
   the same call with every prompt already cached: how much of the time is prefill.
-- ``embed``: title embedding rows/s with the vLLM pooling engine, float32 (old) vs the config's
-  dtype (new). Check: mean and minimum cosine between the two paths' vectors.
+- ``embed``: title embedding rows/s with the vLLM pooling engine: float32 and the config's dtype
+  in calls of ``embed.batch_size`` titles (old) vs the config's dtype in calls of
+  ``embed_batch`` titles (new: fewer, fuller engine steps). Check: mean and minimum cosine
+  between the new path's vectors and float32's.
 """
 from __future__ import annotations
 
@@ -32,16 +34,17 @@ import numpy as np
 PAIRS = ("finetune", "greedy", "embed")
 
 
-def alternate(old, new, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``old()`` and ``new()`` run alternately ``repeats`` times (one warm-up each)."""
-    old(), new()
-    t_old, t_new = [], []
+def alternate(*fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns`` run round-robin ``repeats`` times (one warm-up round first)."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((old, t_old), (new, t_new)):
+        for fn, t in zip(fns, times):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(t_old), statistics.median(t_new)
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _finetune_pair(ft, rows: int, repeats: int):
@@ -87,12 +90,12 @@ def _finetune_pair(ft, rows: int, repeats: int):
         opt.step()
         opt.zero_grad()
 
-    old, new = alternate(lambda: run(False), lambda: run(True), repeats)
+    old, new = alternate(lambda: run(False), lambda: run(True), repeats=repeats)
     return len(examples), old, new, check
 
 
-def _greedy_pair(cfg, path, prompts, repeats: int):
-    """(old s, new s, cached s, check): vLLM chunks of ``generate.batch_size`` vs one call for all rows.
+def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int):
+    """(old s, new s, cached s, check): vLLM calls of ``generate.batch_size`` rows vs ``new_batch`` rows.
 
     ``cached s`` times the new path once more WITHOUT resetting the prefix cache, so every
     prompt is a full cache hit and only decoding is left: not a usable path (real prompts are
@@ -113,11 +116,11 @@ def _greedy_pair(cfg, path, prompts, repeats: int):
         outs[key] = vllm_generate(llm, prompts, "greedy", max_new_tokens=g.max_new_tokens,
                                   batch_size=batch_size, progress=False)
 
-    old, new = alternate(lambda: run("old", g.batch_size), lambda: run("new", len(prompts)), repeats)
+    old, new = alternate(lambda: run("old", g.batch_size), lambda: run("new", new_batch), repeats=repeats)
     cached = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run("cached", len(prompts), reset=False)
+        run("cached", new_batch, reset=False)
         cached.append(time.perf_counter() - t0)
     same = sum(extract_answer(a) == extract_answer(b) for a, b in zip(outs["old"], outs["new"]))
     del llm
@@ -125,28 +128,32 @@ def _greedy_pair(cfg, path, prompts, repeats: int):
     return old, new, statistics.median(cached), f"same answer {same}/{len(prompts)} rows"
 
 
-def _embed_pair(cfg, path, titles, repeats: int):
+def _embed_pair(cfg, path, titles, repeats: int, new_batch: int):
+    """Seconds of (float32, calls of ``embed.batch_size``), (config dtype, same calls) and
+    (config dtype, calls of ``new_batch``), plus the cosine check of the new path vs float32."""
     from teacher.embed import vllm_embed
     from teacher.model import vllm_engine
 
-    e = cfg.embed
+    e, dt = cfg.embed, cfg.model.dtype
     engines = {d: vllm_engine(path, "pooling", dtype=d, threads=e.threads or None,
-                              max_model_len=cfg.model.max_model_len) for d in ("float32", cfg.model.dtype)}
-    outs: dict[str, np.ndarray] = {}
+                              max_model_len=cfg.model.max_model_len) for d in ("float32", dt)}
+    outs: dict[tuple, np.ndarray] = {}
 
-    def run(dtype):
+    def run(dtype, batch):
         engines[dtype].reset_prefix_cache()
-        outs[dtype] = vllm_embed(engines[dtype], titles, e.batch_size, progress=False)
+        outs[dtype, batch] = vllm_embed(engines[dtype], titles, batch, progress=False)
 
-    old, new = alternate(lambda: run("float32"), lambda: run(cfg.model.dtype), repeats)
-    a, b = outs["float32"], outs[cfg.model.dtype]
+    secs = alternate(lambda: run("float32", e.batch_size), lambda: run(dt, e.batch_size),
+                     lambda: run(dt, new_batch), repeats=repeats)
+    a, b = outs["float32", e.batch_size], outs[dt, new_batch]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     engines.clear()
     gc.collect()
-    return old, new, f"cosine vs fp32 mean {cos.mean():.4f} min {cos.min():.4f}"
+    return secs, f"cosine vs float32 mean {cos.mean():.4f} min {cos.min():.4f}"
 
 
-def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: list[str] | None = None) -> str:
+def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: list[str] | None = None,
+                greedy_batch: int = 16, embed_batch: int = 512, embed_rows: int = 256) -> str:
     """Run the pairs in ``only`` (default all of ``PAIRS``); markdown table to stdout and ``out``."""
     from dllm2rec.atomic import atomic_write_text
     from teacher.bench import _inputs
@@ -158,23 +165,28 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
         raise ValueError(f"--only: unknown pair(s) {unknown} for --compare; choose from {PAIRS}")
     load0 = os.getloadavg()
     path = resolve_base_model(cfg.model.base)
-    prompts, titles = _inputs(cfg, rows)
+    prompts, titles = _inputs(cfg, max(rows, (embed_rows + 1) // 2))
+    prompts, titles = prompts[:rows], titles[:embed_rows]
     res = []  # (what, unit, rows, old s, new s, check)
     if "finetune" in only:
         n, old, new, check = _finetune_pair(ft, ft_rows, repeats)
         res.append(("LoRA fine-tune (fp32 -> bf16 autocast)", "examples", n, old, new, check))
         print(res[-1], flush=True)
     if "greedy" in only:
-        old, new, cached, check = _greedy_pair(cfg, path, prompts, repeats)
+        old, new, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch)
         res.append((f"greedy generation ({cfg.model.dtype}; vLLM calls of {cfg.generate.batch_size} rows -> "
-                    "one call)", "rows", len(prompts), old, new, check))
+                    f"{greedy_batch})", "rows", len(prompts), old, new, check))
         res.append(("greedy, every prompt already in the prefix cache (no prefill: a bound, not a path)",
                     "rows", len(prompts), new, cached, "prefill share of the time = 1 - new/old"))
         print(res[-2:], flush=True)
     if "embed" in only:
-        old, new, check = _embed_pair(cfg, path, titles, repeats)
-        res.append((f"title embedding (float32 -> {cfg.model.dtype})", "rows", len(titles), old, new, check))
-        print(res[-1], flush=True)
+        (f32, old, new), check = _embed_pair(cfg, path, titles, repeats, embed_batch)
+        b0, dt = cfg.embed.batch_size, cfg.model.dtype
+        res.append((f"title embedding (float32 -> {dt}; calls of {b0} -> {embed_batch} rows)", "rows",
+                    len(titles), f32, new, check))
+        res.append((f"title embedding ({dt}; calls of {b0} -> {embed_batch} rows)", "rows", len(titles),
+                    old, new, "same engine"))
+        print(res[-2:], flush=True)
     load1 = os.getloadavg()
     lines = [
         f"# Teacher old vs new paths ({platform.machine()}, {os.cpu_count()} CPUs, generate/embed threads "

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--finetune-config", default="launch/configs/teacher_finetune_ml100k.yaml",
                    help="--compare: the fine-tune config whose LoRA and micro-batch are timed")
     b.add_argument("--finetune-rows", type=int, default=8, help="--compare: training prompts per fine-tune run")
+    b.add_argument("--greedy-batch", type=int, default=16, help="--compare: rows per vLLM call on the new greedy path")
+    b.add_argument("--embed-batch", type=int, default=512, help="--compare: titles per vLLM call on the new embedding path")
+    b.add_argument("--embed-rows", type=int, default=256, help="--compare: titles embedded per run")
 
     _add_finetune_parsers(sub)
     return parser
@@ -191,7 +194,7 @@ def run(argv: list[str] | None = None) -> int:
             cfg = _config(args)
             ft = load_finetune_config(args.finetune_config, [f"dataset={cfg.dataset}"])
             run_compare(cfg, ft, args.rows, args.finetune_rows, args.repeats, args.out,
-                        [s for s in args.only.split(",") if s])
+                        [s for s in args.only.split(",") if s], args.greedy_batch, args.embed_batch, args.embed_rows)
         elif args.phase == "bench":
             from teacher.bench import run_bench
 

@@ -19,7 +19,7 @@ def test_alternate_interleaves_old_and_new_after_one_warmup_each():
         calls.append("new")
 
     t_old, t_new = alternate(old, new, repeats=3)
-    assert calls == ["old", "new"] * 4  # warm-up pair, then strictly alternating timed runs
+    assert calls == ["old", "new"] * 4  # warm-up round, then strictly alternating timed runs
     assert t_old >= 0.002 > t_new >= 0.0
 
 
@@ -33,6 +33,7 @@ def test_alternate_reports_medians_not_means():
         next(durations)
 
     t_old, _ = alternate(old, new, repeats=3)
+    assert len(alternate(int, int, int, repeats=1)) == 3  # any number of paths
     assert t_old < 0.02  # the 0.05 s outlier is not the median
 
 
