@@ -12,9 +12,11 @@ Pairs ("old" = the default before issue 16, "new" = the default after it):
   fp32 vs ``torch.autocast("cpu", bfloat16)``, which is what Accelerate applies for
   ``mixed_precision: bf16``. Check: the training loss of the same batches under both.
 - ``greedy``: greedy generation rows/s with vLLM (the config's dtype and base weights): vLLM
-  called per ``generate.batch_size`` rows (old) vs per ``greedy_batch`` rows (new). Check: the extracted
-  answers (``prompts.extract_answer``) of both paths, equal rows / all rows. A second row times
-  the same call with every prompt already cached: how much of the time is prefill.
+  called per ``generate.batch_size`` rows on an engine with vLLM's default step size (old) vs
+  per ``greedy_batch`` rows, also on an engine limited to ``model.max_num_batched_tokens`` tokens
+  per step when that is set (new). Check: the extracted answers (``prompts.extract_answer``) of
+  the newest vs the old path, equal rows / all rows. A last row times the newest path with
+  every prompt already cached: how much of the time is prefill.
 - ``embed``: title embedding rows/s with the vLLM pooling engine: float32 and the config's dtype
   in calls of ``embed.batch_size`` titles (old) vs the config's dtype in calls of
   ``embed_batch`` titles (new: fewer, fuller engine steps). Check: mean and minimum cosine
@@ -95,37 +97,40 @@ def _finetune_pair(ft, rows: int, repeats: int):
 
 
 def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int):
-    """(old s, new s, cached s, check): vLLM calls of ``generate.batch_size`` rows vs ``new_batch`` rows.
-
-    ``cached s`` times the new path once more WITHOUT resetting the prefix cache, so every
-    prompt is a full cache hit and only decoding is left: not a usable path (real prompts are
-    distinct beyond the shared instruction), but it measures how much of the time is prefill.
+    """Seconds of (vLLM default engine step size, calls of ``generate.batch_size`` rows),
+    (same engine, calls of ``new_batch`` rows), (engine with ``model.max_num_batched_tokens``,
+    calls of ``new_batch``; only when that is set), then the last path once more WITHOUT
+    resetting the prefix cache: every prompt a full hit, only decoding left. That is not a
+    usable path (real prompts are distinct beyond the shared instruction) but it measures how
+    much of the time is prefill. Plus the answer check of the last path vs the first.
     """
     from teacher.generate import vllm_generate
     from teacher.model import vllm_engine
     from teacher.prompts import extract_answer
 
-    g = cfg.generate
-    llm = vllm_engine(path, "generate", dtype=cfg.model.dtype, threads=g.threads or None,
-                      max_model_len=cfg.model.max_model_len)
-    outs: dict[str, list[str]] = {}
+    g, m = cfg.generate, cfg.model
+    engines = {n: vllm_engine(path, "generate", dtype=m.dtype, threads=g.threads or None,
+                              max_model_len=m.max_model_len, max_num_batched_tokens=n)
+               for n in sorted({0, m.max_num_batched_tokens})}
+    outs: dict[tuple, list[str]] = {}
 
-    def run(key, batch_size, reset=True):
+    def run(tokens, batch_size, reset=True):
         if reset:
-            llm.reset_prefix_cache()
-        outs[key] = vllm_generate(llm, prompts, "greedy", max_new_tokens=g.max_new_tokens,
-                                  batch_size=batch_size, progress=False)
+            engines[tokens].reset_prefix_cache()
+        outs[tokens, batch_size] = vllm_generate(engines[tokens], prompts, "greedy", max_new_tokens=g.max_new_tokens,
+                                                 batch_size=batch_size, progress=False)
 
-    old, new = alternate(lambda: run("old", g.batch_size), lambda: run("new", new_batch), repeats=repeats)
+    paths = [(0, g.batch_size), (0, new_batch)] + ([(m.max_num_batched_tokens, new_batch)] if m.max_num_batched_tokens else [])
+    secs = alternate(*[lambda p=p: run(*p) for p in paths], repeats=repeats)
     cached = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run("cached", new_batch, reset=False)
+        run(*paths[-1], reset=False)
         cached.append(time.perf_counter() - t0)
-    same = sum(extract_answer(a) == extract_answer(b) for a, b in zip(outs["old"], outs["new"]))
-    del llm
+    same = sum(extract_answer(a) == extract_answer(b) for a, b in zip(outs[paths[0]], outs[paths[-1]]))
+    engines.clear()
     gc.collect()
-    return old, new, statistics.median(cached), f"same answer {same}/{len(prompts)} rows"
+    return secs, statistics.median(cached), f"same answer {same}/{len(prompts)} rows"
 
 
 def _embed_pair(cfg, path, titles, repeats: int, new_batch: int):
@@ -173,12 +178,15 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
         res.append(("LoRA fine-tune (fp32 -> bf16 autocast)", "examples", n, old, new, check))
         print(res[-1], flush=True)
     if "greedy" in only:
-        old, new, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch)
-        res.append((f"greedy generation ({cfg.model.dtype}; vLLM calls of {cfg.generate.batch_size} rows -> "
-                    f"{greedy_batch})", "rows", len(prompts), old, new, check))
-        res.append(("greedy, every prompt already in the prefix cache (no prefill: a bound, not a path)",
-                    "rows", len(prompts), new, cached, "prefill share of the time = 1 - new/old"))
-        print(res[-2:], flush=True)
+        secs, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch)
+        b0, tok = cfg.generate.batch_size, cfg.model.max_num_batched_tokens
+        label = f"greedy generation ({cfg.model.dtype}; vLLM calls of {b0} -> {greedy_batch} rows"
+        res.append((label + ")", "rows", len(prompts), secs[0], secs[1], check if not tok else "-"))
+        if tok:
+            res.append((label + f", engine step 4096 -> {tok} tokens)", "rows", len(prompts), secs[0], secs[2], check))
+        res.append(("greedy, new path with every prompt already in the prefix cache (no prefill: a bound, not a path)",
+                    "rows", len(prompts), secs[-1], cached, "prefill share of the new path = 1 - new/old"))
+        print(res, flush=True)
     if "embed" in only:
         (f32, old, new), check = _embed_pair(cfg, path, titles, repeats, embed_batch)
         b0, dt = cfg.embed.batch_size, cfg.model.dtype
