@@ -13,8 +13,8 @@ Pairs ("old" = the default before issue 16, "new" = the default after it):
   ``mixed_precision: bf16``. Check: the training loss of the same batches under both.
 - ``greedy``: greedy generation rows/s with vLLM (the config's dtype and base weights): vLLM
   called per ``generate.batch_size`` rows on an engine with vLLM's default step size (old) vs
-  per ``greedy_batch`` rows, also on an engine limited to ``model.max_num_batched_tokens`` tokens
-  per step when that is set (new). Check: the extracted answers (``prompts.extract_answer``) of
+  per ``greedy_batch`` rows, also on an engine limited to ``--step-tokens`` tokens per step
+  (vLLM ``max_num_batched_tokens``) when that is given (new). Check: the extracted answers (``prompts.extract_answer``) of
   the newest vs the old path, equal rows / all rows. A last row times the newest path with
   every prompt already cached: how much of the time is prefill.
 - ``embed``: title embedding rows/s with the vLLM pooling engine: float32 and the config's dtype
@@ -96,10 +96,10 @@ def _finetune_pair(ft, rows: int, repeats: int):
     return len(examples), old, new, check
 
 
-def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int):
+def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int, step_tokens: int):
     """Seconds of (vLLM default engine step size, calls of ``generate.batch_size`` rows),
-    (same engine, calls of ``new_batch`` rows), (engine with ``model.max_num_batched_tokens``,
-    calls of ``new_batch``; only when that is set), then the last path once more WITHOUT
+    (same engine, calls of ``new_batch`` rows), (engine with ``step_tokens`` tokens per step
+    (vLLM ``max_num_batched_tokens``), calls of ``new_batch``; only when ``step_tokens`` > 0), then the last path once more WITHOUT
     resetting the prefix cache: every prompt a full hit, only decoding left. That is not a
     usable path (real prompts are distinct beyond the shared instruction) but it measures how
     much of the time is prefill. Plus the answer check of the last path vs the first.
@@ -111,7 +111,7 @@ def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int):
     g, m = cfg.generate, cfg.model
     engines = {n: vllm_engine(path, "generate", dtype=m.dtype, threads=g.threads or None,
                               max_model_len=m.max_model_len, max_num_batched_tokens=n)
-               for n in sorted({0, m.max_num_batched_tokens})}
+               for n in sorted({0, step_tokens})}
     outs: dict[tuple, list[str]] = {}
 
     def run(tokens, batch_size, reset=True):
@@ -120,7 +120,7 @@ def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int):
         outs[tokens, batch_size] = vllm_generate(engines[tokens], prompts, "greedy", max_new_tokens=g.max_new_tokens,
                                                  batch_size=batch_size, progress=False)
 
-    paths = [(0, g.batch_size), (0, new_batch)] + ([(m.max_num_batched_tokens, new_batch)] if m.max_num_batched_tokens else [])
+    paths = [(0, g.batch_size), (0, new_batch)] + ([(step_tokens, new_batch)] if step_tokens else [])
     secs = alternate(*[lambda p=p: run(*p) for p in paths], repeats=repeats)
     cached = []
     for _ in range(repeats):
@@ -158,7 +158,7 @@ def _embed_pair(cfg, path, titles, repeats: int, new_batch: int):
 
 
 def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: list[str] | None = None,
-                greedy_batch: int = 16, embed_batch: int = 512, embed_rows: int = 256) -> str:
+                greedy_batch: int = 16, embed_batch: int = 512, embed_rows: int = 256, step_tokens: int = 0) -> str:
     """Run the pairs in ``only`` (default all of ``PAIRS``); markdown table to stdout and ``out``."""
     from dllm2rec.atomic import atomic_write_text
     from teacher.bench import _inputs
@@ -178,8 +178,8 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
         res.append(("LoRA fine-tune (fp32 -> bf16 autocast)", "examples", n, old, new, check))
         print(res[-1], flush=True)
     if "greedy" in only:
-        secs, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch)
-        b0, tok = cfg.generate.batch_size, cfg.model.max_num_batched_tokens
+        secs, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch, step_tokens)
+        b0, tok = cfg.generate.batch_size, step_tokens
         label = f"greedy generation ({cfg.model.dtype}; vLLM calls of {b0} -> {greedy_batch} rows"
         res.append((label + ")", "rows", len(prompts), secs[0], secs[1], check if not tok else "-"))
         if tok:

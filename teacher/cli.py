@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--greedy-batch", type=int, default=16, help="--compare: rows per vLLM call on the new greedy path")
     b.add_argument("--embed-batch", type=int, default=512, help="--compare: titles per vLLM call on the new embedding path")
     b.add_argument("--embed-rows", type=int, default=256, help="--compare: titles embedded per run")
+    b.add_argument("--step-tokens", type=int, default=0,
+                   help="--compare: also time greedy on an engine with this many tokens per step (0 = skip)")
 
     _add_finetune_parsers(sub)
     return parser
@@ -194,7 +196,8 @@ def run(argv: list[str] | None = None) -> int:
             cfg = _config(args)
             ft = load_finetune_config(args.finetune_config, [f"dataset={cfg.dataset}"])
             run_compare(cfg, ft, args.rows, args.finetune_rows, args.repeats, args.out,
-                        [s for s in args.only.split(",") if s], args.greedy_batch, args.embed_batch, args.embed_rows)
+                        [s for s in args.only.split(",") if s], args.greedy_batch, args.embed_batch, args.embed_rows,
+                        args.step_tokens)
         elif args.phase == "bench":
             from teacher.bench import run_bench
 

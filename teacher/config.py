@@ -19,7 +19,6 @@ class ModelConfig:
     adapter: str = ""  # PEFT LoRA folder or merged model folder; used for generation only
     dtype: str = "float32"  # engine compute dtype: float32 | bfloat16 | float16
     max_model_len: int = 2048
-    max_num_batched_tokens: int = 0  # vLLM tokens per engine step (0 = vLLM default); see BENCHMARKS.md
 
 
 @dataclass
@@ -108,7 +107,7 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {_get(cfg, key)!r}")
-    for key in ("limit", "model.max_num_batched_tokens", "limits.train", "limits.valid", "limits.test", "generate.threads", "embed.threads"):
+    for key in ("limit", "limits.train", "limits.valid", "limits.test", "generate.threads", "embed.threads"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
     if not 0.0 <= cfg.ground.min_recall <= 1.0:

@@ -86,8 +86,7 @@ def build_embedder(cfg, progress: bool = True):
     e = cfg.embed
     if e.engine == "vllm":
         llm = vllm_engine(base, "pooling", dtype=cfg.model.dtype, threads=e.threads or None,
-                          max_model_len=cfg.model.max_model_len, seed=cfg.seed,
-                          max_num_batched_tokens=cfg.model.max_num_batched_tokens)
+                          max_model_len=cfg.model.max_model_len, seed=cfg.seed)
         return lambda texts: vllm_embed(llm, texts, e.batch_size, progress)
     if e.threads:
         import torch

@@ -114,8 +114,7 @@ def build_generator(cfg, progress: bool = True):
     if g.engine == "vllm":
         llm = vllm_engine(
             model_path, "generate", dtype=cfg.model.dtype, threads=g.threads or None,
-            max_model_len=cfg.model.max_model_len, max_num_batched_tokens=cfg.model.max_num_batched_tokens,
-            enable_lora=lora is not None,
+            max_model_len=cfg.model.max_model_len, enable_lora=lora is not None,
             max_lora_rank=lora_rank(lora) if lora else 8, seed=cfg.seed,
         )
 
