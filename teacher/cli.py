@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows", type=int, default=64, help="prompts per measurement")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--out", default="runs/bench/teacher_bench.md")
-    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground"
-                   " (with --compare: finetune,greedy,embed)")
-    b.add_argument("--compare", action="store_true", help="old vs new CPU paths, alternating (teacher/bench_compare.py)")
+    b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,vllm_embed,hf_embed,ground")
+    b.add_argument("--compare", action="store_true",
+                   help="old vs new CPU paths, alternating (teacher/bench_compare.py); --only then picks of finetune,greedy,embed")
     b.add_argument("--finetune-config", default="launch/configs/teacher_finetune_ml100k.yaml",
                    help="--compare: the fine-tune config whose LoRA and micro-batch are timed")
     b.add_argument("--finetune-rows", type=int, default=8, help="--compare: training prompts per fine-tune run")
