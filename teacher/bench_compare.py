@@ -170,7 +170,7 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
         raise ValueError(f"--only: unknown pair(s) {unknown} for --compare; choose from {PAIRS}")
     load0 = os.getloadavg()
     path = resolve_base_model(cfg.model.base)
-    prompts, titles = _inputs(cfg, max(rows, (embed_rows + 1) // 2))
+    prompts, titles = _inputs(cfg, max(rows, (embed_rows + 1) // 2))[:2]  # main's _inputs also returns the data
     prompts, titles = prompts[:rows], titles[:embed_rows]
     res = []  # (what, unit, rows, old s, new s, check)
     if "finetune" in only:
