@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default="", help="comma list of: vllm_greedy,hf_greedy,vllm_beam,hf_beam,hf_constrained,vllm_embed,hf_embed,sentence_embed,ground")
 
     _add_finetune_parsers(sub)
+    _add_compare_args(b)
     return parser
 
 
@@ -210,6 +211,15 @@ def run(argv: list[str] | None = None) -> int:
             print(export_tocf(args.teacher, args.out, args.top_n))
         elif args.phase in ("finetune", "merge-lora"):
             return _run_finetune_phase(args)
+        elif args.phase == "bench" and args.compare:
+            from teacher.bench_compare import run_compare
+            from teacher.finetune import load_finetune_config
+
+            cfg = _config(args)
+            ft = load_finetune_config(args.finetune_config, [f"dataset={cfg.dataset}"])
+            run_compare(cfg, ft, args.rows, args.finetune_rows, args.repeats, args.out,
+                        [s for s in args.only.split(",") if s], args.greedy_batch, args.embed_batch, args.embed_rows,
+                        args.step_tokens)
         elif args.phase == "bench":
             from teacher.bench import run_bench
 
@@ -218,6 +228,20 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _add_compare_args(b) -> None:
+    """``teacher bench --compare`` options (teacher/bench_compare.py)."""
+    b.add_argument("--compare", action="store_true",
+                   help="old vs new CPU paths, alternating (teacher/bench_compare.py); --only then picks of finetune,greedy,embed")
+    b.add_argument("--finetune-config", default="launch/configs/teacher_finetune_ml100k.yaml",
+                   help="--compare: the fine-tune config whose LoRA and micro-batch are timed")
+    b.add_argument("--finetune-rows", type=int, default=8, help="--compare: training prompts per fine-tune run")
+    b.add_argument("--greedy-batch", type=int, default=16, help="--compare: rows per vLLM call on the new greedy path")
+    b.add_argument("--embed-batch", type=int, default=512, help="--compare: titles per vLLM call on the new embedding path")
+    b.add_argument("--embed-rows", type=int, default=256, help="--compare: titles embedded per run")
+    b.add_argument("--step-tokens", type=int, default=0,
+                   help="--compare: also time greedy on an engine with this many tokens per step (0 = skip)")
 
 
 def _add_finetune_parsers(sub) -> None:

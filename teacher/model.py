@@ -244,6 +244,7 @@ def vllm_engine(
     max_lora_rank: int = 8,
     seed: int = 0,
     gpu_memory_utilization: float | None = None,
+    max_num_batched_tokens: int = 0,
 ):
     """A vLLM engine for ``runner`` "generate" (text) or "pooling" (LAST-token, un-normalised embeddings).
 
@@ -261,6 +262,8 @@ def vllm_engine(
     from vllm import LLM
 
     kwargs: dict = dict(model=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len)
+    if max_num_batched_tokens:  # tokens per engine step (0 = vLLM's default, 4096 on CPU; measured no faster)
+        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         kwargs.update(enforce_eager=True, block_size=32)
