@@ -16,11 +16,11 @@ Validation and the score-kind mapping live in ``teacher/folder.py`` (shared with
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from dllm2rec.data.jsonl import json_objects
 from dllm2rec.errors import DataError
 from teacher.folder import check_kind, check_rankings, write_teacher_folder
 
@@ -57,19 +57,7 @@ def read_rankings(path: str | Path) -> dict[str, object]:
             raise DataError(path, f"unreadable Parquet file: {exc}") from exc
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
     elif path.suffix in (".jsonl", ".json"):
-        cols = {}
-        records = []
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(path, f"not valid JSON ({exc.msg})", row=line_no) from exc
-                if not isinstance(rec, dict):
-                    raise DataError(path, "each line must be a JSON object", row=line_no)
-                records.append(rec)
+        records = [rec for _, rec in json_objects(path, "a JSON object with row_id, topk_ids, topk_scores")]
         keys = set().union(*records) if records else set(REQUIRED)
         for r, rec in enumerate(records):
             missing = [k for k in REQUIRED if k not in rec]
