@@ -17,7 +17,8 @@ always evaluated first; the recommendation is the trial with the best mean valid
 on validation than no distillation. Test metrics of each trial are recorded but never used to
 choose; report the chosen trial's test once.
 
-Resumable: trials live in ``<out>/tune/optuna.db`` (SQLite, one Optuna study per student);
+A point whose config equals a finished run of the study itself (e.g. the zero point = the
+``none`` run) reuses that run instead of training it again. Resumable: trials live in ``<out>/tune/optuna.db`` (SQLite, one Optuna study per student);
 a trial's runs live in ``<out>/tune/<student>/<params>/seed<k>/`` and are cached by their
 parameters (a repeated point, or a rerun after a crash, reuses finished runs). ``--trials N``
 runs trials until the student's study has N finished ones. Outputs ``<out>/tune/tune.json`` and
@@ -74,6 +75,23 @@ def trial_cells(study, student: str, variant: str, seeds: list[int], params: dic
     return out
 
 
+def _same_run(study, a: Cell, b: Cell) -> bool:
+    ra, rb = resolve(study, a), resolve(study, b)
+    ra.train.output_dir = rb.train.output_dir
+    return ra == rb
+
+
+def reuse_study_runs(study, todo: list[Cell], extra: list[str]) -> list[Cell]:
+    """Point each cell at a finished study run with exactly the same config, when there is one
+    (the zero point is the study's ``none`` run, the paper point its ``dllm2rec`` run)."""
+    out = []
+    for cell in todo:
+        same = [c for c in cells(study, {"student": {cell.student}, "seed": {str(cell.seed)}}, extra)
+                if (c.run_dir / "results.json").is_file() and _same_run(study, c, cell)]
+        out.append(Cell(cell.student, cell.variant, cell.seed, same[0].run_dir, cell.overrides) if same else cell)
+    return out
+
+
 def _results(cell_list: list[Cell], metric: str) -> dict:
     vals, tests = [], []
     for c in cell_list:
@@ -104,7 +122,7 @@ def tune_student(study, student: str, variant: str, seeds: list[int], trials: in
 
     def objective(trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in sp.items()}
-        todo = trial_cells(study, student, variant, seeds, params, extra)
+        todo = reuse_study_runs(study, trial_cells(study, student, variant, seeds, params, extra), extra)
         failures = run_cells(study, [c for c in todo if not (c.run_dir / "results.json").is_file()], jobs, threads, 0)
         if failures:
             raise RuntimeError(f"runs failed: {failures}")
