@@ -44,13 +44,13 @@ def test_space_contains_zero_and_zero_is_off():
 
 
 def test_tune_never_worse_than_zero_on_validation_and_resumes(tmp_path, capsys):
-    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=192, n_valid=48, n_test=48))
+    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=128, n_valid=32, n_test=32))
     teacher = _harmful_teacher(tmp_path, ds)
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump({
         "name": "harm", "base": None, "dataset": str(ds.path), "teacher": str(teacher), "out": str(tmp_path / "out"),
         "seeds": [0], "students": ["gru4rec"], "variants": ["none", "dllm2rec"],
-        "overrides": ["train.epochs=3", "train.batch_size=64", "train.patience=0", "model.hidden=16",
+        "overrides": ["train.epochs=2", "train.batch_size=64", "train.patience=0", "model.hidden=16",
                       "distill.rd.k=10", "eval.ks=[10,20]"]}))
     # the study's plain run exists already: the zero point must reuse it, not train it again
     assert main(["experiment", "--study", str(study_file), "--only", "variant=none", "--jobs", "1"]) == 0
