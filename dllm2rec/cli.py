@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dllm2rec.train.loop", "train one student (optionally with DLLM2Rec distillation)"),
     "evaluate": ("dllm2rec.eval.evaluate", "evaluate a trained student on valid/test (full ranking)"),
     "experiment": ("dllm2rec.studies.experiment", "run a grid of student runs and write one results table"),
+    "tune": ("dllm2rec.studies.tune", "pick distillation strength on validation (Optuna; 0 included)"),
     "analyze": ("dllm2rec.studies.analyze", "teacher/student overlap diagnostics and plots"),
     "recommend": ("dllm2rec.serve.recommend", "batch top-k recommendations from a trained student"),
     "export": ("dllm2rec.serve.export", "export a trained student as a self-contained artefact"),

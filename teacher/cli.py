@@ -13,6 +13,8 @@ Phases (each skips shards already finished for the same config):
                 log-probability (score kind logprob); --merge writes the teacher folder
   sweep-gamma   collaborative grounding (ground.collab): validation HR/NDCG per gamma
   export-tocf   reference-code tocf files from a teacher folder
+  import        your own teacher's rankings file (+ item embeddings) -> teacher folder
+  from-run      a trained student run folder -> teacher folder (top-n + logits, item table)
   bench         vLLM vs transformers, FAISS vs torch; markdown table
 Shard selection: --rank/--world, else SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD_SIZE, else 0/1.
 """
@@ -68,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--top-n", type=int, default=None)
+    i = sub.add_parser("import", help="bring your own teacher: rankings file -> teacher folder")
+    i.add_argument("--rankings", required=True, help="Parquet or JSON lines: row_id, topk_ids, topk_scores[, gt_score]")
+    i.add_argument("--score-kind", default=None, help="distance | similarity | logit | logprob (README)")
+    i.add_argument("--dataset", required=True, help="the prepared dataset folder the row ids belong to")
+    i.add_argument("--out", required=True)
+    i.add_argument("--item-embeddings", default=None, help="[n_items, d] .safetensors or .npy")
+    i.add_argument("--min-top-n", type=int, default=10, help="refuse lists shorter than this (>= distill.rd.k)")
+    fr = sub.add_parser("from-run", help="a trained student run folder -> teacher folder")
+    fr.add_argument("--run", required=True)
+    fr.add_argument("--out", required=True)
+    fr.add_argument("--top-n", type=int, default=50)
+    fr.add_argument("--dataset", default=None, help="override the dataset folder recorded in the run")
     b = sub.add_parser("bench", help="benchmark engines and grounding; markdown table")
     _common(b, shards=False)
     b.add_argument("--rows", type=int, default=64, help="prompts per measurement")
@@ -209,6 +223,17 @@ def run(argv: list[str] | None = None) -> int:
             from teacher.artifacts import export_tocf
 
             print(export_tocf(args.teacher, args.out, args.top_n))
+        elif args.phase == "import":
+            from teacher.importer import import_rankings
+
+            m = import_rankings(args.rankings, args.score_kind, args.dataset, args.out, args.item_embeddings,
+                                args.min_top_n)
+            print(json.dumps({"out": args.out, "splits": m["splits"], "metrics": m["metrics"]}))
+        elif args.phase == "from-run":
+            from teacher.from_run import from_run
+
+            m = from_run(args.run, args.out, args.top_n, args.dataset)
+            print(json.dumps({"out": args.out, "splits": m["splits"], "metrics": m["metrics"]}))
         elif args.phase in ("finetune", "merge-lora"):
             return _run_finetune_phase(args)
         elif args.phase == "bench" and args.compare:

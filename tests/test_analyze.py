@@ -196,9 +196,12 @@ def test_teacher_profile_cli(fx, tmp_path):
     assert p["distinct_top1_items"] == 4 and p["distinct_topk_lists"] == 4
     assert p["item_coverage_at_k"] == len({i for r in TEACHER_TOP for i in r}) / N
     assert "| teacher | 0.5000 |" in (out / "teacher_profile.md").read_text()
-    # a ranking file without generated texts is refused with the file named
+    # a ranking-only teacher (teacher import / from-run: no generated texts) is profiled too
     assert main(["analyze", "teacher", "--teacher", str(teacher), "--dataset", str(root / "ds"),
-                 "--out", str(tmp_path / "x")]) == 2
+                 "--k", "4", "--out", str(tmp_path / "x")]) == 0
+    q = json.loads((tmp_path / "x" / "teacher_profile.json").read_text())
+    assert q["hr"] == p["hr"] and q["distinct_generated_texts"] is None and q["exact_title_share"] is None
+    assert "ranking-only teacher" in (tmp_path / "x" / "teacher_profile.md").read_text()
 
 
 def test_teacher_table_by_hand(fx, tmp_path):

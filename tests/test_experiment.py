@@ -66,6 +66,10 @@ def test_study_table_and_cache(folders, capsys):
         assert base["ndcg@20_gain_pct"] is None
         assert dist["ndcg@20_gain_pct"] == pytest.approx(
             100 * (dist["ndcg@20_mean"] - base["ndcg@20_mean"]) / base["ndcg@20_mean"])
+        # its spread: the per-seed gains against the same seed's plain run
+        paired = [100 * (d - b) / b for d, b in zip(dist["ndcg@20_values"], base["ndcg@20_values"])]
+        assert base["ndcg@20_gain_std"] is None
+        assert dist["ndcg@20_gain_std"] == pytest.approx(statistics.stdev(paired))
     # the distilled runs really used the teacher (ED adds the projection weights)
     cfg = yaml.safe_load((out / "gru4rec/dllm2rec/seed0/config.yaml").read_text())
     assert cfg["distill"]["rd"]["enabled"] and cfg["distill"]["ed"]["enabled"] and cfg["train"]["seed"] == 0

@@ -16,11 +16,11 @@ returned ``Request.unknown`` instead (never silently). ``items="ids"|"titles"`` 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dllm2rec.data.jsonl import json_objects
 from dllm2rec.errors import DataError
 
 SEPARATOR = "|"
@@ -92,29 +92,20 @@ def _map_items(path: Path, line: int, raw: list, table: ItemTable, kind: str, sk
 
 def _read_jsonl(path: Path, table: ItemTable, kind: str, skip_unknown: bool) -> list[Request]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, f"not valid JSON: {exc.msg} at column {exc.colno}", row=line_no) from exc
-            if not isinstance(obj, dict):
-                raise DataError(path, f"expected a JSON object with a 'history' list, got {type(obj).__name__}", row=line_no)
-            if "history" not in obj:
-                raise DataError(path, f"missing key 'history' (keys: {', '.join(sorted(obj)) or 'none'})", row=line_no)
-            hist = obj["history"]
-            if not isinstance(hist, list):
-                raise DataError(path, f"'history' must be a list of item ids or titles, got {type(hist).__name__}", row=line_no)
-            if not hist:
-                raise DataError(path, "empty history: a recommendation needs at least one item", row=line_no)
-            rid = obj.get("id", line_no)
-            if isinstance(rid, (dict, list)):
-                raise DataError(path, "'id' must be a JSON scalar (string or number)", row=line_no)
-            req = _map_items(path, line_no, hist, table, kind, skip_unknown)
-            req.rid = rid
-            out.append(req)
+    for line_no, obj in json_objects(path, "a JSON object with a 'history' list"):
+        if "history" not in obj:
+            raise DataError(path, f"missing key 'history' (keys: {', '.join(sorted(obj)) or 'none'})", row=line_no)
+        hist = obj["history"]
+        if not isinstance(hist, list):
+            raise DataError(path, f"'history' must be a list of item ids or titles, got {type(hist).__name__}", row=line_no)
+        if not hist:
+            raise DataError(path, "empty history: a recommendation needs at least one item", row=line_no)
+        rid = obj.get("id", line_no)
+        if isinstance(rid, (dict, list)):
+            raise DataError(path, "'id' must be a JSON scalar (string or number)", row=line_no)
+        req = _map_items(path, line_no, hist, table, kind, skip_unknown)
+        req.rid = rid
+        out.append(req)
     return out
 
 

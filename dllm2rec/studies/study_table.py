@@ -4,7 +4,8 @@ For every (student, variant): the test HR@K / NDCG@K of each finished seed (``re
 ``test``, i.e. at the epoch selected by the run's protocol; the protocol label is carried into
 the table), mean and sample standard deviation (ddof = 1; 0 with one seed), the number of
 seeds, and the relative gain of the mean over the same student's ``none`` variant:
-``100 * (mean_variant - mean_none) / mean_none`` (None when ``none`` is missing or 0).
+``100 * (mean_variant - mean_none) / mean_none`` (None when ``none`` is missing or 0), with the
+sample std of the per-seed gains against the same seed's ``none`` run (``*_gain_std``).
 The teacher's own test metrics come from its manifest ``metrics.test`` or, failing that, from
 ``rank_test.parquet`` ``target_rank``; otherwise the table says they are unavailable.
 """
@@ -91,15 +92,25 @@ def collect(grid, k: int) -> list[dict]:
         for m in METRICS:
             r[f"{m}@{k}_gain_pct"] = (None if r["variant"] == "none" or b is None
                                       else gain(r[f"{m}@{k}_mean"], b[f"{m}@{k}_mean"]))
+            r[f"{m}@{k}_gain_std"] = None if r["variant"] == "none" or b is None else paired_gain_std(r, b, f"{m}@{k}")
     return rows
+
+
+def paired_gain_std(row: dict, base: dict, metric: str) -> float | None:
+    """Sample std over seeds of the per-seed gain (%) against the same seed's ``none`` run; None
+    with fewer than two seeds finished in both."""
+    b = dict(zip(base["seeds"], base[f"{metric}_values"]))
+    gains = [gain(v, b[s]) for s, v in zip(row["seeds"], row[f"{metric}_values"]) if s in b]
+    gains = [g for g in gains if g is not None]
+    return statistics.stdev(gains) if len(gains) > 1 else None
 
 
 def _fmt(mean, std) -> str:
     return "—" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def _pct(v) -> str:
-    return "" if v is None else f"{v:+.1f}%"
+def _pct(v, std=None) -> str:
+    return "" if v is None else f"{v:+.1f}%" + ("" if std is None else f" ± {std:.1f}")
 
 
 def markdown(name: str, rows: list[dict], k: int, teacher: dict | None, failures: dict, stale: dict,
@@ -109,13 +120,14 @@ def markdown(name: str, rows: list[dict], k: int, teacher: dict | None, failures
     lines = [f"# Study {name}: test metrics at the epoch selected "
              f"{'on validation' if standard else '(NOT all on validation: see the protocols below)'}", "",
              "Mean ± sample std over seeds; gain = relative change of the mean over the same student without "
-             "distillation (variant `none`).", "",
+             "distillation (variant `none`), ± the sample std of the per-seed gains against the same seed's "
+             "`none` run (shown with >= 2 paired seeds).", "",
              f"| student | variant | n | HR@{k} | NDCG@{k} | gain HR@{k} | gain NDCG@{k} |",
              "|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["n"]):
         lines.append(f"| {r['student']} | {r['variant']} | {r['n']} | {_fmt(r[f'hr@{k}_mean'], r[f'hr@{k}_std'])} | "
-                     f"{_fmt(r[f'ndcg@{k}_mean'], r[f'ndcg@{k}_std'])} | {_pct(r[f'hr@{k}_gain_pct'])} | "
-                     f"{_pct(r[f'ndcg@{k}_gain_pct'])} |")
+                     f"{_fmt(r[f'ndcg@{k}_mean'], r[f'ndcg@{k}_std'])} | {_pct(r[f'hr@{k}_gain_pct'], r[f'hr@{k}_gain_std'])} | "
+                     f"{_pct(r[f'ndcg@{k}_gain_pct'], r[f'ndcg@{k}_gain_std'])} |")
     lines.append("")
     if teacher:
         lines.append(f"Teacher (LLM) on test: HR@{k} {teacher[f'hr@{k}']:.4f}, NDCG@{k} {teacher[f'ndcg@{k}']:.4f} "

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dllm2rec.errors import DataError
 
 
 def popularity_ranking(train_targets: np.ndarray, n_items: int) -> np.ndarray:
@@ -55,8 +54,7 @@ def profile_teacher(teacher: str | Path, dataset: str | Path, split: str = "test
     f = Path(teacher) / f"rank_{split}.parquet"
     generated = read_parquet(f, columns=["generated"]).column("generated").to_pylist() \
         if "generated" in read_parquet_names(f) else []
-    if not generated:
-        raise DataError(f, "no 'generated' column: not a text-generating teacher's ranking")
+    # ranking-only teachers (``teacher import`` / ``from-run``) have no texts: those fields are None
     texts = Counter(generated)
     titles = set(ds.titles)
     lists = {tuple(r) for r in top.tolist()}
@@ -64,8 +62,8 @@ def profile_teacher(teacher: str | Path, dataset: str | Path, split: str = "test
         "teacher": str(teacher), "split": split, "k": k, "rows": int(len(keep)),
         "rows_in_split": int(len(rows["row_id"])), "n_items": n_items,
         "hr": {"teacher": hit_rate(top, target), "popularity": hit_rate(pop, target), "random": k / n_items},
-        "distinct_generated_texts": len(texts),
-        "exact_title_share": float(sum(c for t, c in texts.items() if t in titles) / len(generated)),
+        "distinct_generated_texts": len(texts) if generated else None,
+        "exact_title_share": float(sum(c for t, c in texts.items() if t in titles) / len(generated)) if generated else None,
         "top_generated": [[t, c] for t, c in texts.most_common(10)],
         "distinct_top1_items": int(len(set(top[:, 0].tolist()))),
         "distinct_topk_lists": len(lists),
@@ -82,12 +80,14 @@ def profile_markdown(p: dict) -> str:
         f"| ranking | HR@{k} |", "|---|---|",
         f"| teacher | {hr['teacher']:.4f} |", f"| popularity (train targets) | {hr['popularity']:.4f} |",
         f"| random (expected) | {hr['random']:.4f} |", "",
-        f"- distinct generated texts: {p['distinct_generated_texts']}; exactly a catalogue title: "
-        f"{p['exact_title_share']:.1%} of rows",
+        (f"- distinct generated texts: {p['distinct_generated_texts']}; exactly a catalogue title: "
+         f"{p['exact_title_share']:.1%} of rows" if p["distinct_generated_texts"] is not None
+         else "- a ranking-only teacher (no generated texts)"),
         f"- distinct top-1 items: {p['distinct_top1_items']}; distinct top-{k} lists: {p['distinct_topk_lists']}; "
         f"catalogue items in any top-{k}: {p['item_coverage_at_k']:.1%}",
         f"- share of the teacher's top-{k} entries that are among the {k} most popular items: "
         f"{p['overlap_with_popularity_at_k']:.1%}",
-        "- most generated: " + "; ".join(f"{t!r} x{c}" for t, c in p["top_generated"][:5]),
     ]
+    if p["top_generated"]:
+        lines.append("- most generated: " + "; ".join(f"{t!r} x{c}" for t, c in p["top_generated"][:5]))
     return "\n".join(lines) + "\n"

@@ -1,0 +1,82 @@
+"""``tune``: the zero point is the plain student, evaluated first; the choice never loses to it on
+validation, even with a deliberately harmful teacher; Optuna storage resumes without retraining."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from dllm2rec.cli import main
+from dllm2rec.config import load_config
+from dllm2rec.data.dataset import load_dataset
+from dllm2rec.studies.experiment import cells, load_study
+from dllm2rec.studies.tune import point_overrides, space
+from dllm2rec.bench.synthetic import synthetic_dataset
+from teacher.importer import import_rankings
+
+pytest.importorskip("optuna")
+
+
+def _harmful_teacher(root, ds, top_n=10):
+    """Top-n lists that never hold the target (a shifted, wrong rule), confident logits, noise table."""
+    n = ds.n_items
+    rows = []
+    for split in ("train", "valid", "test"):
+        for rid, tgt in zip(ds.splits[split]["row_id"], ds.splits[split]["target"]):
+            ids = [int((tgt + 7 + j) % n) for j in range(top_n)]
+            rows.append({"row_id": int(rid), "topk_ids": ids, "topk_scores": [float(10 - j) for j in range(top_n)]})
+    f = root / "harmful.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    emb = root / "noise.npy"
+    np.save(emb, np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32))
+    import_rankings(f, "logit", ds.path, root / "teacher", emb)
+    return root / "teacher"
+
+
+def test_space_contains_zero_and_zero_is_off():
+    for objective in ("bce", "ce"):
+        assert all(0.0 in v for v in space(objective).values())
+    assert "distill.rd.soft_target_mix" in space("ce") and "distill.rd.lam" in space("bce")
+    ov = point_overrides({"distill.rd.lam": 0.0, "distill.ed.weight": 0.0})
+    assert "distill.rd.enabled=false" in ov and "distill.ed.enabled=false" in ov
+
+
+def test_tune_never_worse_than_zero_on_validation_and_resumes(tmp_path, capsys):
+    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=128, n_valid=32, n_test=32))
+    teacher = _harmful_teacher(tmp_path, ds)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "harm", "base": None, "dataset": str(ds.path), "teacher": str(teacher), "out": str(tmp_path / "out"),
+        "seeds": [0], "students": ["gru4rec"], "variants": ["none", "dllm2rec"],
+        "overrides": ["train.epochs=2", "train.batch_size=64", "train.patience=0", "model.hidden=16",
+                      "distill.rd.k=10", "eval.ks=[10,20]"]}))
+    # the study's plain run exists already: the zero point must reuse it, not train it again
+    assert main(["experiment", "--study", str(study_file), "--only", "variant=none", "--jobs", "1"]) == 0
+    none_run = tmp_path / "out/gru4rec/none/seed0"
+    stamp = (none_run / "results.json").stat().st_mtime_ns
+    argv = ["tune", "--study", str(study_file), "--trials", "3", "--threads-per-job", "1"]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "out/tune/tune.json").read_text())["students"]["gru4rec"]
+    trials = sorted(res["trials"], key=lambda t: t["trial"])
+    assert trials[0]["params"] == {"distill.rd.lam": 0.0, "distill.ed.weight": 0.0}  # zero first
+    assert len(trials) == 3 and res["zero"]["trial"] == 0
+    assert res["chosen"]["valid"] >= res["zero"]["valid"]
+    assert res["chosen"]["valid"] == max(t["valid"] for t in trials)
+    # the zero point IS the study's plain `none` student: same config, so its run was reused
+    assert res["zero"]["valid"] == json.loads((none_run / "results.json").read_text())["valid"]["ndcg@20"]
+    assert (none_run / "results.json").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "out/tune/gru4rec/ed_weight0_rd_lam0").exists()
+    study = load_study(study_file)
+    none = [c for c in cells(study) if c.variant == "none"][0]
+    got = load_config(none_run / "config.yaml")
+    assert not got.distill.rd.enabled and not got.distill.ed.enabled
+    # resume: the same request trains nothing more and keeps the answer
+    runs = sorted(p for p in (tmp_path / "out/tune/gru4rec").glob("*/seed0/results.json"))
+    mtimes = [p.stat().st_mtime_ns for p in runs]
+    assert main(argv) == 0
+    again = json.loads((tmp_path / "out/tune/tune.json").read_text())["students"]["gru4rec"]
+    assert again["chosen"] == res["chosen"] and len(again["trials"]) == 3
+    assert [p.stat().st_mtime_ns for p in runs] == mtimes
+    assert "chosen on validation" in capsys.readouterr().out
