@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 from dllm2rec.atomic import atomic_write_json, atomic_write_text
 from dllm2rec.errors import ConfigError
@@ -123,9 +122,11 @@ def tune_student(study, student: str, variant: str, seeds: list[int], trials: in
     def objective(trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in sp.items()}
         todo = reuse_study_runs(study, trial_cells(study, student, variant, seeds, params, extra), extra)
-        failures = run_cells(study, [c for c in todo if not (c.run_dir / "results.json").is_file()], jobs, threads, 0)
-        if failures:
-            raise RuntimeError(f"runs failed: {failures}")
+        failures, skipped = run_cells(study, [c for c in todo if not (c.run_dir / "results.json").is_file()],
+                                      jobs, threads, 0)
+        missing = [c.label for c in todo if not (c.run_dir / "results.json").is_file()]
+        if failures or missing:  # a cell another worker still holds has no result yet: retry the trial later
+            raise RuntimeError(f"runs failed: {failures}; busy elsewhere: {skipped}; without results: {missing}")
         res = _results(todo, metric)
         trial.set_user_attr("test", res["test"])
         trial.set_user_attr("runs", [str(c.run_dir) for c in todo])
