@@ -25,6 +25,7 @@ import sys, time
 from pathlib import Path
 from dllm2rec.lockfile import LockBusy, hold
 root, name = Path(sys.argv[1]), sys.argv[2]
+(root / f"ready-{name}").write_text("")
 while not (root / "go").exists():
     time.sleep(0.001)
 for i in range(40):
@@ -47,16 +48,25 @@ def _env():
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 
+def _release_when_ready(root: Path, names: list[str], procs, timeout: float = 60.0) -> None:
+    """Start the race only once every contender has announced itself (no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not all((root / f"ready-{n}").exists() for n in names):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "contenders did not start"
+        time.sleep(0.01)
+    (root / "go").write_text("")
+
+
 def test_two_processes_work_each_cell_exactly_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(tmp_path), name], env=_env(), cwd=REPO,
                               stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
-    time.sleep(0.5)  # both are waiting on the start flag
-    (tmp_path / "go").write_text("")
+    _release_when_ready(tmp_path, ["a", "b"], procs)
     for p in procs:
         assert p.wait(timeout=60) == 0, p.stderr.read()
     logs = [(tmp_path / f"cell{i}" / "log").read_text().split() for i in range(40)]
     assert all(len(lines) == 1 for lines in logs), [x for x in logs if len(x) != 1]
-    leftovers = {p.name for p in tmp_path.iterdir()} - {"go"} - {f"cell{i}" for i in range(40)}
+    leftovers = ({p.name for p in tmp_path.iterdir()} - {"go", "ready-a", "ready-b"}
+                 - {f"cell{i}" for i in range(40)})
     assert not leftovers  # every lock released, no temporary or guard files
 
 
@@ -87,13 +97,16 @@ _TAKER = """
 import sys, time
 from pathlib import Path
 from dllm2rec.lockfile import LockBusy, acquire
-root = Path(sys.argv[1])
+root, name = Path(sys.argv[1]), sys.argv[2]
+(root / f"ready-{name}").write_text("")
 while not (root / "go").exists():
     time.sleep(0.001)
 try:
     acquire(root / "c.lock")
     print("won", flush=True)
-    time.sleep(1.0)  # alive while the other one looks
+    # hold the lock (stay alive) until the test has seen the other contender finish
+    while not (root / "stop").exists():
+        time.sleep(0.01)
 except LockBusy:
     print("busy", flush=True)
 """
@@ -101,10 +114,13 @@ except LockBusy:
 
 def test_two_processes_racing_for_one_stale_lock_one_wins(tmp_path):
     _write_lock(tmp_path / "c.lock", pid=_dead_pid())
-    procs = [subprocess.Popen([sys.executable, "-c", _TAKER, str(tmp_path)], env=_env(), cwd=REPO,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(0.5)
-    (tmp_path / "go").write_text("")
+    procs = [subprocess.Popen([sys.executable, "-c", _TAKER, str(tmp_path), name], env=_env(), cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
+    _release_when_ready(tmp_path, ["a", "b"], procs)
+    deadline = time.monotonic() + 60  # the loser exits; two winners would both wait for "stop"
+    while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "stop").write_text("")
     assert sorted(p.communicate(timeout=60)[0].strip() for p in procs) == ["busy", "won"]
 
 
