@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--item-embeddings", default=None, help="[n_items, d] .safetensors or .npy")
     i.add_argument("--min-top-n", type=int, default=10, help="refuse lists shorter than this (>= distill.rd.k)")
     fr = sub.add_parser("from-run", help="a trained student run folder -> teacher folder")
-    fr.add_argument("--run", required=True)
+    fr.add_argument("--run", required=True, action="append",
+                    help="a run folder; repeat for an ensemble (mean of the runs' softmax, score kind logprob)")
     fr.add_argument("--out", required=True)
     fr.add_argument("--top-n", type=int, default=50)
     fr.add_argument("--dataset", default=None, help="override the dataset folder recorded in the run")
@@ -230,9 +231,13 @@ def run(argv: list[str] | None = None) -> int:
                                 args.min_top_n)
             print(json.dumps({"out": args.out, "splits": m["splits"], "metrics": m["metrics"]}))
         elif args.phase == "from-run":
+            from teacher.ensemble import ensemble_from_runs
             from teacher.from_run import from_run
 
-            m = from_run(args.run, args.out, args.top_n, args.dataset)
+            if len(args.run) == 1:
+                m = from_run(args.run[0], args.out, args.top_n, args.dataset)
+            else:
+                m = ensemble_from_runs(args.run, args.out, args.top_n, args.dataset)
             print(json.dumps({"out": args.out, "splits": m["splits"], "metrics": m["metrics"]}))
         elif args.phase in ("finetune", "merge-lora"):
             return _run_finetune_phase(args)
