@@ -107,10 +107,11 @@ def top_n_rows(scores, target, top_n: int, ours_of_internal):
 
     scores[:, 0] = -torch.inf
     vals, idx = torch.topk(scores, top_n, dim=1)  # sorted=True: best first
-    gt = scores.gather(1, target.view(-1, 1))
+    gt = scores.gather(1, target.view(-1, 1).to(scores.device))
     rank = (scores > gt).sum(1) + 1
-    ids = torch.from_numpy(ours_of_internal)[idx]
-    return ids.numpy(), vals.float().numpy(), gt.view(-1).float().numpy(), rank.numpy().astype("int64")
+    ids = torch.from_numpy(ours_of_internal)[idx.cpu()]
+    return (ids.numpy(), vals.float().cpu().numpy(), gt.view(-1).float().cpu().numpy(),
+            rank.cpu().numpy().astype("int64"))
 
 
 def ranking_lines(row_id, ids, vals, gt, rank) -> list[str]:
@@ -123,8 +124,8 @@ def ranking_lines(row_id, ids, vals, gt, rank) -> list[str]:
             for r, i, v, g, k in zip(row_id, ids.tolist(), vals.tolist(), gt.tolist(), rank)]
 
 
-def score_split(model, loader, dataset, top_n: int, ours_of_internal, batch_size: int) -> list[str]:
-    """Rankings lines for every row of one split loader's dataset (row order as in the file).
+def score_split(model, loader, dataset, top_n: int, ours_of_internal, batch_size: int, fh) -> int:
+    """Write the rankings line of every row of one split loader's dataset to ``fh`` -> row count.
 
     Each row is scored from its own ``item_id_list`` / ``item_length`` with the model's
     ``full_sort_predict`` (as ``Trainer._full_sort_batch_eval`` does; no history masking:
@@ -133,7 +134,7 @@ def score_split(model, loader, dataset, top_n: int, ours_of_internal, batch_size
     import numpy as np
     import torch
 
-    split_ds, lines = loader._dataset, []
+    split_ds, n = loader._dataset, 0
     with torch.no_grad():
         for s in range(0, len(split_ds), batch_size):
             inter = split_ds[np.arange(s, min(s + batch_size, len(split_ds)))]
@@ -141,8 +142,10 @@ def score_split(model, loader, dataset, top_n: int, ours_of_internal, batch_size
             scores = model.full_sort_predict(inter).view(len(inter), -1).float()
             fields = top_n_rows(scores, inter[dataset.iid_field], top_n, ours_of_internal)
             sess = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].cpu().numpy())
-            lines += ranking_lines([int(t) for t in sess], *fields)
-    return lines
+            lines = ranking_lines([int(t) for t in sess], *fields)
+            fh.writelines(lines)
+            n += len(lines)
+    return n
 
 
 def write_teacher(out: Path, model, loaders: dict, dataset, top_n: int, batch_size: int) -> dict:
@@ -152,21 +155,23 @@ def write_teacher(out: Path, model, loaders: dict, dataset, top_n: int, batch_si
     t0 = time.time()
     n_items = dataset.item_num - 1
     ours_of_internal, internal_of_ours = item_maps(dataset.field2id_token[dataset.iid_field], n_items)
-    model.eval()
-    lines, rows = [], {}
-    for split, loader in loaders.items():
-        part = score_split(model, loader, dataset, top_n, ours_of_internal, batch_size)
-        rows[split] = len(part)
-        lines += part
-    scored = time.time() - t0
+    if not hasattr(model, "item_embedding"):
+        raise ValueError(f"{type(model).__name__} has no item_embedding table to export")
     table = model.item_embedding.weight.detach().float().cpu().numpy()[internal_of_ours]
+    model.eval()
+    rows: dict[str, int] = {}
+
+    def save_rankings(tmp):  # streamed: one batch of lines at a time, never the whole file
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for split, loader in loaders.items():
+                rows[split] = score_split(model, loader, dataset, top_n, ours_of_internal, batch_size, fh)
 
     def save_table(tmp):
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(table, np.float32), allow_pickle=False)
 
-    _write_atomic(out / "teacher_rankings.jsonl",
-                  lambda t: Path(t).write_text("".join(lines), encoding="utf-8"))
+    _write_atomic(out / "teacher_rankings.jsonl", save_rankings)
+    scored = time.time() - t0  # scoring and writing the lines
     _write_atomic(out / "item_embeddings.npy", save_table)
     total = time.time() - t0
     return {"top_n": top_n, "rows": rows, "score_seconds": round(scored, 2),
