@@ -129,6 +129,22 @@ def test_teacher_options_and_reuse(tmp_path):
     assert not teacher_ready({"teacher": None}, tmp_path, 20) and teacher_ready({}, tmp_path, None)
 
 
+def test_recbole_command_refuses_teacher_out_for_several_runs_before_any_work(tmp_path):
+    import argparse
+
+    from dllm2rec.compare.recbole import add_arguments, run
+
+    ds = make_dataset(tmp_path / "tiny", n_items=N, rows=(40, 8, 9))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--dataset", str(ds.path), "--models", "GRU4Rec", "--seeds", "0", "1",
+                         "--out", str(tmp_path / "rb"), "--teacher-out", str(tmp_path / "T"),
+                         "--recbole-python", sys.executable])
+    with pytest.raises(ConfigError, match="2 \\(model, seed\\) runs"):
+        run(args)
+    assert not (tmp_path / "rb").exists() and not (tmp_path / "T").exists()
+
+
 @pytest.mark.slow
 def test_recbole_gru4rec_as_teacher_end_to_end(tmp_path):
     """Real RecBole GRU4Rec, 1 epoch; its teacher folder agrees with the ranks RecBole reports."""

@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset)
     out = Path(args.out)
     rb_name = f"dllm2rec-{ds.manifest['name']}"
-    export_recbole(ds, out / "atomic" / rb_name, name=rb_name)
     n_items = int(ds.manifest["n_items"])
     top_n = check_teacher_args(args.teacher_top_n, args.teacher_out, len(args.models) * len(args.seeds), n_items)
+    export_recbole(ds, out / "atomic" / rb_name, name=rb_name)
     results = []
     for model in args.models:
         for seed in args.seeds:
@@ -214,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
                 if (res.get("complete") and res.get("id_map_hash") == ds.manifest["id_map_hash"]
                         and teacher_ready(res["recbole"], run_dir, top_n)):
                     print(f"[recbole] {model} seed {seed}: reusing {done}", file=sys.stderr)
+                    if top_n is not None:
+                        check_teacher_rows(res["recbole"], run_dir, ds.manifest["counts"])
                     results.append(res)
                     continue
             print(f"[recbole] {model} seed {seed}: training (log {run_dir / 'recbole.log'})", file=sys.stderr)
@@ -234,7 +236,6 @@ def run(args: argparse.Namespace) -> int:
         res = results[0]
         man = import_teacher(out / "runs" / f"{res['model']}-seed{res['seed']}", ds.path, args.teacher_out,
                              res["model"], res["seed"])
-        print(f"[recbole] teacher folder {args.teacher_out}: top-{man['top_n']}, valid "
-              f"HR@20 {man['metrics']['valid']['hr@20']:.4f}, test HR@20 {man['metrics']['test']['hr@20']:.4f}",
-              file=sys.stderr)
+        hr20 = {s: f"{m['hr@20']:.4f}" for s, m in man["metrics"].items() if "hr@20" in m}
+        print(f"[recbole] teacher folder {args.teacher_out}: top-{man['top_n']}, HR@20 {hr20}", file=sys.stderr)
     return 0
