@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--top-n", type=int, default=None)
     i = sub.add_parser("import", help="bring your own teacher: rankings file -> teacher folder")
-    i.add_argument("--rankings", required=True, help="Parquet or JSON lines: row_id, topk_ids, topk_scores[, gt_score]")
+    i.add_argument("--rankings", required=True, help="Parquet or JSON lines: row_id, topk_ids, topk_scores[, gt_score][, target_rank]")
     i.add_argument("--score-kind", default=None, help="distance | similarity | logit | logprob (README)")
     i.add_argument("--dataset", required=True, help="the prepared dataset folder the row ids belong to")
     i.add_argument("--out", required=True)

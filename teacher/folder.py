@@ -91,15 +91,17 @@ def _first(mask: np.ndarray) -> int:
 
 
 def check_rankings(file: str | Path, row_id: np.ndarray, topk_ids: np.ndarray, topk_scores: np.ndarray,
-                   kind: str, dataset, min_top_n: int = 1, gt_score: np.ndarray | None = None
-                   ) -> dict[str, Rankings]:
+                   kind: str, dataset, min_top_n: int = 1, gt_score: np.ndarray | None = None,
+                   target_rank: np.ndarray | None = None) -> dict[str, Rankings]:
     """Validate rankings given in file order and split them by the dataset's splits.
 
     ``topk_ids`` / ``topk_scores`` are [R, n] (the reader already refused ragged lists). Errors
     (``DataError`` naming ``file`` and the 0-based record): unknown or duplicated row ids, lists
     shorter than ``min_top_n``, ids outside 0..N-1 or repeated within a row, NaN/Inf scores,
     lists not sorted best first (distance ascending, other kinds descending), negative distances,
-    positive log-probabilities.
+    positive log-probabilities; a ``target_rank`` outside 1..N or worse (larger) than the
+    target's place in its own list (rank = 1 + #items scored strictly higher, so a listed target at place p has
+    rank <= p; ties may make it smaller).
     """
     check_kind(kind)
     n_items = int(dataset.n_items)
@@ -145,12 +147,21 @@ def check_rankings(file: str | Path, row_id: np.ndarray, topk_ids: np.ndarray, t
         raise DataError(file, "a distance is negative", row=_first((scores < 0).any(1)))
     if kind == "logprob" and (scores > 0).any():
         raise DataError(file, "a log-probability is > 0", row=_first((scores > 0).any(1)))
+    if target_rank is not None:
+        target_rank = np.asarray(target_rank, np.int64)
+        listed = list_ranks(ids, target_of[pos])  # n + 1 when the target is not listed
+        bad = (target_rank < 1) | (target_rank > n_items) | ((listed <= ids.shape[1]) & (target_rank > listed))
+        if bad.any():
+            r = _first(bad)
+            raise DataError(file, f"target_rank {int(target_rank[r])} is outside 1..{n_items} or worse than "
+                                  f"the target's place {int(listed[r])} in its own list", row=r)
     out = {}
     for i, split in enumerate(SPLITS):
         sel = order[split_of[pos[order]] == i]
         if len(sel):
             gt = None if gt_score is None else np.asarray(gt_score, np.float32)[sel]
-            out[split] = Rankings(row_id[sel], ids[sel], scores[sel].astype(np.float32), gt)
+            tr = None if target_rank is None else target_rank[sel]
+            out[split] = Rankings(row_id[sel], ids[sel], scores[sel].astype(np.float32), gt, tr)
     if "train" not in out:
         raise DataError(file, "covers no training row; the student needs the train split")
     return out

@@ -10,8 +10,8 @@ teacher folder (``teacher/folder.py``, score kind ``logit``):
 - ``item_embeddings.safetensors``: the run's input item table ``embed.item.weight`` rows 0..N-1
   (the output table ``[w_j]`` when the student has no ID embedding, e.g. ED without offset).
 
-The RecBole comparison path can produce the same folder with ``python -m teacher import``:
-write its top-n and logits as a rankings file (score kind ``logit``) and its item table as .npy.
+The RecBole comparison path produces the same kind of folder for a RecBole model:
+``python -m dllm2rec recbole ... --teacher-out T`` (``dllm2rec/compare/recbole_teacher.py``).
 """
 from __future__ import annotations
 

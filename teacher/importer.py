@@ -7,7 +7,9 @@ Rankings file (README "Distil from your own teacher"): Parquet, or JSON lines (`
 ``.json``), one record per dataset row the teacher covers (any split; ``row_id`` says which):
 ``row_id`` int (the dataset's row id), ``topk_ids`` list of item ids (best first), ``topk_scores``
 list of numbers (same length, sorted best first for the declared kind), optional ``gt_score``
-(the teacher's score of the row's true item). Every list has the same length. Item embeddings:
+(the teacher's score of the row's true item), optional ``target_rank`` (the exact 1-based rank
+of the true item among all N items; with it the folder's metrics are exact for every K, as
+``from-run``'s are). Every list has the same length. Item embeddings:
 safetensors (tensor ``embeddings``, or the file's only tensor) or ``.npy`` (read with
 ``allow_pickle=False``), [n_items, d]. ``--item-embeddings`` is required: every teacher folder
 carries the item table (ED reads it), and no stand-in table is made up.
@@ -87,6 +89,14 @@ def read_rankings(path: str | Path) -> dict[str, object]:
         if any(v is None for v in gt):
             raise DataError(path, "gt_score is given for some rows but not all", row=gt.index(None))
         out["gt_score"] = np.asarray(gt, dtype=np.float64)
+    if "target_rank" in cols:
+        tr = cols["target_rank"]
+        if any(v is None for v in tr):
+            raise DataError(path, "target_rank is given for some rows but not all", row=tr.index(None))
+        bad = [r for r, v in enumerate(tr) if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+        if bad:
+            raise DataError(path, f"target_rank must be an integer, got {tr[bad[0]]!r}", row=bad[0])
+        out["target_rank"] = np.asarray(tr, dtype=np.int64)
     return out
 
 
@@ -113,8 +123,12 @@ def read_embeddings(path: str | Path) -> np.ndarray:
 
 
 def import_rankings(rankings: str | Path, kind: str | None, dataset: str | Path, out: str | Path,
-                    item_embeddings: str | Path | None, min_top_n: int = 10) -> dict:
-    """Validate the files against ``dataset`` and write the teacher folder ``out`` -> manifest."""
+                    item_embeddings: str | Path | None, min_top_n: int = 10,
+                    source: dict | None = None) -> dict:
+    """Validate the files against ``dataset`` and write the teacher folder ``out`` -> manifest.
+
+    ``source``: extra provenance for the manifest's ``source`` (e.g. the RecBole model and seed).
+    """
     from dllm2rec.data.dataset import load_dataset
 
     check_kind(kind)
@@ -124,6 +138,7 @@ def import_rankings(rankings: str | Path, kind: str | None, dataset: str | Path,
     cols = read_rankings(rankings)
     emb = read_embeddings(item_embeddings)
     by_split = check_rankings(rankings, cols["row_id"], cols["topk_ids"], cols["topk_scores"], kind, ds,
-                              min_top_n, cols.get("gt_score"))
-    source = {"kind": "import", "rankings": str(rankings), "embeddings_file": str(item_embeddings)}
+                              min_top_n, cols.get("gt_score"), cols.get("target_rank"))
+    source = {**(source or {}), "kind": "import", "rankings": str(rankings),
+              "embeddings_file": str(item_embeddings)}
     return write_teacher_folder(out, ds, by_split, kind, emb, source)

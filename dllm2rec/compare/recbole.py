@@ -1,7 +1,8 @@
 """``python -m dllm2rec recbole``: train RecBole 1.2.1's SASRec / GRU4Rec on OUR split and compare.
 
     python -m dllm2rec recbole --dataset runs/data/ml-100k --models SASRec GRU4Rec \
-        --seeds 0 1 2 --out runs/recbole [--epochs 50] [--threads 1]
+        --seeds 0 1 2 --out runs/recbole [--epochs 50] [--threads 1] \
+        [--teacher-top-n 50] [--teacher-out runs/teacher/recbole-gru4rec]
 
 Steps:
 1. ``recbole_export.export_recbole`` writes the prepared split as RecBole benchmark files to
@@ -17,8 +18,14 @@ Steps:
    #items scored strictly higher, as in ``dllm2rec.eval.metrics``); the run's
    ``result.json`` records both and whether they agree.
 4. ``<out>/results.json`` and ``<out>/results.md``: mean +- std over seeds per model.
+5. With ``--teacher-top-n N`` every run folder also gets the best-valid model as a teacher
+   (``teacher_rankings.jsonl`` + ``item_embeddings.npy``, see ``recbole_runner.py``); with
+   ``--teacher-out T`` (one model, one seed; top-50 unless ``--teacher-top-n``) it is imported
+   as the teacher folder ``T`` (``recbole_teacher.py``: the same as ``python -m teacher import
+   ... --score-kind logit``).
 
-A run folder with a complete ``result.json`` is reused unless ``--force``.
+A run folder with a complete ``result.json`` (and, when asked for, the teacher files of the
+same top-n) is reused unless ``--force``.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from dllm2rec.atomic import atomic_write_json, atomic_write_text
+from dllm2rec.compare.recbole_teacher import (EMBEDDINGS, RANKINGS, check_teacher_args, check_teacher_rows,
+                                              import_teacher, teacher_ready)
 from dllm2rec.errors import ConfigError, DataError, TrainingError
 from dllm2rec.readers import read_json
 
@@ -58,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="python of the RecBole venv (default $RECBOLE_PYTHON or .venv-recbole)")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per run")
     p.add_argument("--force", action="store_true", help="rerun runs that already have results")
+    p.add_argument("--teacher-top-n", type=int, default=None,
+                   help="also write each run as a teacher: top-n logits for every train/valid/test row")
+    p.add_argument("--teacher-out", default=None,
+                   help="import the (single) run as this teacher folder (top-50 unless --teacher-top-n)")
 
 
 def recbole_python(explicit: str | None = None) -> Path:
@@ -96,7 +109,8 @@ def check_ranks(row_rank: np.ndarray, test_row_ids: np.ndarray, n_items: int, wh
 
 
 def run_one(py: Path, data_path: Path, rb_name: str, model: str, seed: int, run_dir: Path,
-            n_items: int, epochs: int | None, threads: int, timeout: float) -> dict:
+            n_items: int, epochs: int | None, threads: int, timeout: float,
+            teacher_top_n: int | None = None) -> dict:
     """Run recbole_runner.py for one (model, seed); return its runner.json plus the command."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [str(py), str(RUNNER), "--data-path", str(data_path.resolve()), "--dataset", rb_name,
@@ -105,9 +119,12 @@ def run_one(py: Path, data_path: Path, rb_name: str, model: str, seed: int, run_
            "--threads", str(threads), "--n-items", str(n_items)]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
+    if teacher_top_n is not None:
+        cmd += ["--teacher-top-n", str(teacher_top_n)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    (run_dir / "runner.json").unlink(missing_ok=True)
+    for stale in ("runner.json", RANKINGS, EMBEDDINGS):  # never pair new results with old files
+        (run_dir / stale).unlink(missing_ok=True)
     t0 = time.time()
     with open(run_dir / "recbole.log", "w", encoding="utf-8") as log:
         try:
@@ -184,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset)
     out = Path(args.out)
     rb_name = f"dllm2rec-{ds.manifest['name']}"
-    export_recbole(ds, out / "atomic" / rb_name, name=rb_name)
     n_items = int(ds.manifest["n_items"])
+    top_n = check_teacher_args(args.teacher_top_n, args.teacher_out, len(args.models) * len(args.seeds), n_items)
+    export_recbole(ds, out / "atomic" / rb_name, name=rb_name)
     results = []
     for model in args.models:
         for seed in args.seeds:
@@ -193,13 +211,18 @@ def run(args: argparse.Namespace) -> int:
             done = run_dir / "result.json"
             if done.is_file() and not args.force:
                 res = read_json(done)
-                if res.get("complete") and res.get("id_map_hash") == ds.manifest["id_map_hash"]:
+                if (res.get("complete") and res.get("id_map_hash") == ds.manifest["id_map_hash"]
+                        and teacher_ready(res["recbole"], run_dir, top_n)):
                     print(f"[recbole] {model} seed {seed}: reusing {done}", file=sys.stderr)
+                    if top_n is not None:
+                        check_teacher_rows(res["recbole"], run_dir, ds.manifest["counts"])
                     results.append(res)
                     continue
             print(f"[recbole] {model} seed {seed}: training (log {run_dir / 'recbole.log'})", file=sys.stderr)
             raw = run_one(py, out / "atomic", rb_name, model, seed, run_dir, n_items,
-                          args.epochs, args.threads, args.timeout)
+                          args.epochs, args.threads, args.timeout, top_n)
+            if top_n is not None:
+                check_teacher_rows(raw, run_dir, ds.manifest["counts"])
             res = finish_run(raw, run_dir, ds)
             if not res["metrics_agree"]:
                 print(f"[recbole] WARNING {model} seed {seed}: RecBole's test metrics differ from "
@@ -209,4 +232,10 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "results.json", {"dataset": str(ds.path), "rows": rows, "runs": results})
     atomic_write_text(out / "results.md", f"RecBole on `{ds.path}` (N = {n_items} items)\n\n" + table)
     print(table)
+    if args.teacher_out is not None:
+        res = results[0]
+        man = import_teacher(out / "runs" / f"{res['model']}-seed{res['seed']}", ds.path, args.teacher_out,
+                             res["model"], res["seed"])
+        hr20 = {s: f"{m['hr@20']:.4f}" for s, m in man["metrics"].items() if "hr@20" in m}
+        print(f"[recbole] teacher folder {args.teacher_out}: top-{man['top_n']}, HR@20 {hr20}", file=sys.stderr)
     return 0
