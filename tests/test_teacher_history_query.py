@@ -116,3 +116,20 @@ def test_bigrec_fingerprints_ignore_the_query_settings_and_config_checks(tmp_pat
         teacher_cfg(ds, tmp_path / "a", "query.kind=bogus")
     with pytest.raises(ConfigError, match="query.decay"):
         teacher_cfg(ds, tmp_path / "a", "query.decay=1.5")
+
+
+def test_query_study_gamma_zero_is_plain_and_cooc_only_ties_count_against_the_target(tmp_path):
+    from teacher.artifacts import merge
+    from teacher.ground import ground_phase
+    from teacher.query_study import _cooc_only_ranks, study
+
+    assert _cooc_only_ranks(np.array([[0.5, 0.0, 0.0, 0.9]]), np.array([1])).tolist() == [4]
+    ds = tiny_dataset(tmp_path / "ds", n_rows=(30, 8, 6))
+    cfg = teacher_cfg(ds, tmp_path / "t", "query.kind=history_mean", "ground.collab_dim=4", "ground.ks=[5,20]")
+    _items_shard(cfg)
+    ground_phase(cfg, 0, 1, progress=False)
+    m = merge(cfg)
+    res = study(cfg, "history_mean,history_last", [0.0, 3.0], "valid", "ndcg@20", 4)
+    r0 = next(r for r in res["results"] if r["kind"] == "history_mean" and r["gamma"] == 0.0)
+    assert r0["all"] == m["metrics"]["valid"] and res["rows"] == 8
+    assert {tuple(b[:2]) for b in res["best"]} == {("cooc_only", None), ("history_mean", None), ("history_last", None)}
