@@ -9,8 +9,10 @@ higher score + other items with an equal score, i.e. ties broken against the tar
 ranks are those of ``teacher sweep-gamma`` / ``teacher ground`` (the same ``collab.adjust`` on
 float64 ``torch.cdist`` distances; the distances are computed once per kind, not once per gamma).
 
-Gamma is chosen by ``--select`` on the first ``--select-rows`` rows (positions, time order) and
-reported on the rest (held out) and on all rows. Output: ``<output_dir>/query_study_<split>.{json,md}``.
+Gamma is chosen by ``--select`` on the first ``--select-rows`` rows (positions, time order) among
+gammas <= ``--max-gamma`` (default 64: at gamma 1000 the adjusted distances ``l2 * (1 + c) ** -gamma``
+underflow float32, the dtype of ``topk_dist`` / ``gt_dist``, to 0 and the RD confidence weights
+become uniform) and reported on the rest (held out) and on all rows. Output: ``<output_dir>/query_study_<split>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def _cooc_only_ranks(score: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (score > own).sum(axis=1) + (score == own).sum(axis=1)  # ties counted against the target
 
 
-def study(cfg, kinds: str, gammas: list[float], split: str, select: str, select_rows: int) -> dict:
+def study(cfg, kinds: str, gammas: list[float], split: str, select: str, select_rows: int,
+          max_gamma: float = float("inf")) -> dict:
     import torch
 
     from dllm2rec.data.dataset import load_dataset
@@ -78,9 +81,11 @@ def study(cfg, kinds: str, gammas: list[float], split: str, select: str, select_
     best = {}
     for r in rows:
         key = (r["kind"], r["decay"])
+        if r["gamma"] is not None and r["gamma"] > max_gamma:
+            continue
         if key not in best or r["select"][select] > best[key]["select"][select]:
             best[key] = r
-    return {"split": split, "rows": len(targets), "select_rows": select_rows, "select": select,
+    return {"split": split, "rows": len(targets), "select_rows": select_rows, "select": select, "max_gamma": max_gamma,
             "embed_engine": cfg.embed.engine, "cooc_seconds": round(cooc_secs, 2), "results": rows,
             "best": [[r["kind"], r["decay"], r["gamma"]] for r in best.values()]}
 
@@ -88,7 +93,7 @@ def study(cfg, kinds: str, gammas: list[float], split: str, select: str, select_
 def markdown(res: dict, ks=("hr@20", "ndcg@20")) -> str:
     n, s = res["rows"], res["select_rows"]
     head = (f"embed.engine={res['embed_engine']}, {res['split']} rows: select = positions 0:{s}, "
-            f"held out = {s}:{n}, all = {n}; * = gamma chosen by {res['select']} on the select rows")
+            f"held out = {s}:{n}, all = {n}; * = gamma <= {res['max_gamma']:g} chosen by {res['select']} on the select rows")
     lines = [head, "", "| query | gamma | " + " | ".join(f"{p} {k}" for p in ("select", "held-out", "all") for k in ks) + " |",
              "|---" * (2 + 3 * len(ks)) + "|"]
     chosen = {tuple(b) for b in res["best"]}
@@ -114,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="valid")
     p.add_argument("--select", default="ndcg@20")
     p.add_argument("--select-rows", type=int, default=None, help="default: the first half of the split")
+    p.add_argument("--max-gamma", type=float, default=64.0,
+                   help="choose gamma only up to this: (1 + c) ** -gamma must stay a float32 number, because "
+                        "topk_dist / gt_dist are stored as float32 and feed the RD confidence weights")
     a = p.parse_args(argv)
     cfg = load_teacher_config(a.config, a.overrides)
     from teacher.artifacts import load_teacher_data
 
     n = len(load_teacher_data(cfg.dataset).splits[a.split]["row_id"])
-    res = study(cfg, a.kinds, [float(x) for x in a.gammas.split(",")], a.split, a.select, a.select_rows or n // 2)
+    res = study(cfg, a.kinds, [float(x) for x in a.gammas.split(",")], a.split, a.select, a.select_rows or n // 2, a.max_gamma)
     stem = Path(cfg.output_dir) / f"query_study_{a.split}"
     atomic_write_json(stem.parent / f"{stem.name}.json", res)
     atomic_write_text(stem.parent / f"{stem.name}.md", markdown(res))
