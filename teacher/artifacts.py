@@ -5,7 +5,8 @@
   manifest; ``limit > 0`` keeps the first ``limit`` rows of every split (smoke runs).
 - ``merge(cfg)``: joins the finished shards of every phase into the teacher folder
   (schema ``dllm2rec.teacher/1``, docs/ARCHITECTURE.md): ``rank_<split>.parquet``,
-  ``item_embeddings.safetensors``, ``manifest.json`` (last). Every dataset row must appear in
+  ``item_embeddings.safetensors``, ``manifest.json`` (last; ``query`` says what rows were grounded
+  from, ``teacher.query``; a history-query teacher has no ``generated`` column). Every dataset row must appear in
   exactly one shard; anything else raises ``ShardError`` naming the split and row ids.
 - ``export_tocf(teacher_dir, out_dir, top_n)``: the reference-code ``tocf/<name>/`` files.
 """
@@ -22,6 +23,7 @@ from dllm2rec.eval.metrics import metrics_from_ranks
 from teacher.config import split_limits
 from teacher.fingerprints import embed_fingerprint, generate_fingerprint, ground_fingerprint
 from teacher.prompts import Domain, build_prompt
+from teacher.query import describe as describe_query, is_history
 from teacher.shards import ShardError, finished_parts
 
 SCHEMA = "dllm2rec.teacher/1"
@@ -144,13 +146,15 @@ def merge(cfg) -> dict:
     gfp, efp, rfp = generate_fingerprint(cfg, data), embed_fingerprint(cfg, data), ground_fingerprint(cfg, data)
     items = gather_item_embeddings(work, efp, data.n_items)
     counts, metrics = {}, {}
+    history = is_history(cfg)
     for split in cfg.splits:
         expected = np.sort(data.splits[split]["row_id"])
-        gen = _concat_parts(work, "generate", split, gfp, expected)
         grd = _concat_parts(work, "ground", split, rfp, expected)
+        # a history-query teacher generated nothing: no `generated` column (a ranking-only teacher)
+        gen = {} if history else {"generated": _concat_parts(work, "generate", split, gfp, expected).column("generated")}
         table = pa.table({
             "row_id": grd.column("row_id"),
-            "generated": gen.column("generated"),
+            **gen,
             "topk_ids": grd.column("topk_ids"),
             "topk_dist": grd.column("topk_dist"),
             "gt_dist": grd.column("gt_dist"),
@@ -165,9 +169,12 @@ def merge(cfg) -> dict:
         "schema": SCHEMA,
         "base_model": cfg.model.base,
         "adapter": cfg.model.adapter or None,
-        "engine": {"generate": cfg.generate.engine, "embed": cfg.embed.engine, "dtype": cfg.model.dtype},
-        "decoding": {"mode": cfg.generate.decoding, "beam_width": cfg.generate.beam_width if cfg.generate.decoding == "beam" else 1,
-                     "max_new_tokens": cfg.generate.max_new_tokens},
+        "engine": {"generate": "none" if history else cfg.generate.engine, "embed": cfg.embed.engine, "dtype": cfg.model.dtype},
+        "decoding": None if history else {
+            "mode": cfg.generate.decoding, "beam_width": cfg.generate.beam_width if cfg.generate.decoding == "beam" else 1,
+            "max_new_tokens": cfg.generate.max_new_tokens},
+        # what each row was grounded from: BIGRec's generated title or the history items (teacher/query.py)
+        "query": describe_query(cfg),
         "pooling": "mean" if cfg.embed.engine == "sentence" else "last",
         "normalized": cfg.embed.engine == "sentence",
         "embed_model": cfg.embed.model if cfg.embed.engine == "sentence" else cfg.model.base,

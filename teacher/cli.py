@@ -4,7 +4,8 @@ Phases (each skips shards already finished for the same config):
   model fetch   download + convert SmolLM2 once, print the cached HF folder
   model convert offline: convert a SmolLM2 GGUF you already have (--gguf) into the cache
   model digest  sha256 over a model folder's tensors (same weights on two machines?)
-  generate      prompts -> recommended titles (vLLM or transformers; greedy or beam)
+  generate      prompts -> recommended titles (vLLM or transformers; greedy or beam); a no-op
+                with query.kind=history_* (teacher/query.py: the query is the history items' mean)
   embed         base-model embeddings of item titles and generated texts (last token, raw)
   ground        exact L2 top-n items per row (FAISS), gt distance, teacher rank of the target
   merge         check shards and write the teacher folder (docs/ARCHITECTURE.md)

@@ -1,6 +1,7 @@
 """``python -m teacher sweep-gamma``: choose the collaborative-grounding gamma on validation.
 
-Reads the finished ``embed`` shards of ``--split`` (default valid) and of the items (the same
+Reads the finished ``embed`` shards of ``--split`` (default valid; with ``query.kind`` history_*
+the queries are built from the history items instead, ``teacher.query``) and of the items (the same
 folder ``teacher ground`` reads), ranks every row by ``teacher.collab.collab_rank`` for each gamma
 of ``--gammas`` with ``ground.collab`` (popularity | cooc) and reports HR/NDCG at ``ground.ks``
 from the exact target ranks; ``--rows a:b`` restricts to a block of rows (positions in row order), so
@@ -33,6 +34,7 @@ def sweep_gamma(cfg, gammas: list[float], split: str = "valid", select: str = "n
     from teacher.collab import collab_rank, collab_scores, cooccurrence_factors
     from teacher.config import split_limits
     from teacher.fingerprints import embed_fingerprint
+    from teacher.query import is_history, row_queries
     from teacher.shards import finished_parts
 
     g = cfg.ground
@@ -41,9 +43,12 @@ def sweep_gamma(cfg, gammas: list[float], split: str = "valid", select: str = "n
     data = load_teacher_data(cfg.dataset, split_limits(cfg))
     work, efp = work_dir(cfg), embed_fingerprint(cfg, data)
     items = gather_item_embeddings(work, efp, data.n_items)
-    parts = [read_tensors(p.path("safetensors")) for p in finished_parts(work, "embed", split, efp)]
-    row_id = np.concatenate([t["row_id"] for t in parts]).astype(np.int64)
-    q = np.concatenate([t["embeddings"].reshape(len(t["row_id"]), -1) for t in parts if len(t["row_id"])]).astype(np.float32)
+    if is_history(cfg):  # generation-free queries from the history items (teacher/query.py)
+        row_id, q = row_queries(cfg, data, split, items)
+    else:
+        parts = [read_tensors(p.path("safetensors")) for p in finished_parts(work, "embed", split, efp)]
+        row_id = np.concatenate([t["row_id"] for t in parts]).astype(np.int64)
+        q = np.concatenate([t["embeddings"].reshape(len(t["row_id"]), -1) for t in parts if len(t["row_id"])]).astype(np.float32)
     order = np.argsort(row_id, kind="stable")[_row_slice(rows)]  # a held-out block of rows
     row_id, q = row_id[order], q[order]
     if not len(row_id):
@@ -89,8 +94,11 @@ def run_sweep(cfg, gammas: str, split: str, select: str, rows: str = ":") -> dic
         raise ConfigError(f"--gammas {gammas!r}: need at least one value, all >= 0")
     res = sweep_gamma(cfg, values, split, select, rows)
     tag = "" if rows in (":", "") else "_rows" + rows.replace(":", "-")
+    if cfg.query.kind != "generated":  # several history query kinds can share one output_dir
+        tag = f"_{cfg.query.kind}" + (f"{cfg.query.decay:g}" if cfg.query.kind == "history_decay" else "") + tag
     stem = Path(cfg.output_dir) / f"gamma_sweep_{cfg.ground.collab}_{split}{tag}"
-    atomic_write_json(stem.with_suffix(".json"), res)
-    atomic_write_text(stem.with_suffix(".md"), sweep_markdown(res))
+    # not with_suffix: a decay such as 0.6 in the name would be taken for a suffix
+    atomic_write_json(stem.parent / f"{stem.name}.json", res)
+    atomic_write_text(stem.parent / f"{stem.name}.md", sweep_markdown(res))
     print(sweep_markdown(res))
     return res

@@ -61,6 +61,16 @@ class GroundConfig:
 
 
 @dataclass
+class QueryConfig:
+    """What each row is grounded from (teacher/query.py). ``generated`` = BIGRec (LLM-generated
+    title); ``history_mean | history_last | history_decay`` = generation-free: a (recency-weighted)
+    mean of the row's history item-title embeddings (no generate phase)."""
+
+    kind: str = "generated"
+    decay: float = 0.7  # history_decay: weight decay ** age, age 0 = the newest history item
+
+
+@dataclass
 class ConstrainedConfig:
     """``teacher constrained``: beam search over the catalogue-title trie (teacher/trie.py)."""
 
@@ -92,6 +102,7 @@ class TeacherConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
     constrained: ConstrainedConfig = field(default_factory=ConstrainedConfig)
 
 
@@ -104,6 +115,7 @@ _CHOICES = {
     "ground.index": {"flat", "ivf", "hnsw"},
     "ground.collab": {"none", "popularity", "cooc"},
     "phase_process": {"subprocess", "inprocess"},
+    "query.kind": {"generated", "history_mean", "history_last", "history_decay"},
 }
 _POSITIVE = {
     "model.max_model_len", "generate.beam_width", "generate.max_new_tokens", "generate.batch_size",
@@ -131,6 +143,8 @@ def validate(cfg: TeacherConfig, source: str = "config") -> TeacherConfig:
             raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
     if cfg.ground.gamma < 0:
         raise ConfigError(f"{source}: 'ground.gamma' must be >= 0, got {cfg.ground.gamma!r}")
+    if not 0.0 < cfg.query.decay <= 1.0:
+        raise ConfigError(f"{source}: 'query.decay' must be in (0, 1], got {cfg.query.decay!r}")
     if cfg.constrained.beam_width < cfg.constrained.k or cfg.constrained.length_penalty < 0:
         raise ConfigError(f"{source}: need constrained.beam_width >= constrained.k and length_penalty >= 0")
     if not 0.0 <= cfg.ground.min_recall <= 1.0:

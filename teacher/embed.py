@@ -10,7 +10,8 @@
 All return float32 ``[len(texts), d]``. A text is embedded alone (no prompt). An empty text
 (the model produced no answer) is embedded as ``'""'`` so that every row gets a vector.
 
-``embed_phase(cfg, rank, world)``: the sharded, resumable phase. It writes
+``embed_phase(cfg, rank, world)``: the sharded, resumable phase (items only for a history-query
+teacher, ``query.kind != generated``). It writes
 ``work/embed/items/part-*.safetensors`` (``ids`` int64 [n], ``embeddings`` float32 [n, d]) for this
 shard of the item titles and ``work/embed/<split>/part-*.safetensors`` (``row_id``, ``embeddings``)
 for this shard of every split's generated texts (needs the same shard's generate part).
@@ -118,8 +119,10 @@ def embed_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp, gfp = embed_fingerprint(cfg, data), generate_fingerprint(cfg, data)
     work = work_dir(cfg)
-    todo = [s for s in ["items", *cfg.splits] if not is_done(part(work, "embed", s, rank, world), fp)]
-    stats: dict = {"skipped": [s for s in ["items", *cfg.splits] if s not in todo], "done": []}
+    # history queries (teacher/query.py) are built from the item embeddings at grounding time
+    names = ["items"] if cfg.query.kind != "generated" else ["items", *cfg.splits]
+    todo = [s for s in names if not is_done(part(work, "embed", s, rank, world), fp)]
+    stats: dict = {"skipped": [s for s in names if s not in todo], "done": []}
     if not todo:
         return stats
     for split in todo:

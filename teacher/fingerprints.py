@@ -17,6 +17,9 @@ def generate_fingerprint(cfg, data) -> str:
 
 
 def embed_fingerprint(cfg, data) -> str:
+    if cfg.query.kind != "generated":  # history queries: only the catalogue titles are embedded
+        src = ("sentence", cfg.embed.model) if cfg.embed.engine == "sentence" else (cfg.model.base, cfg.model.dtype, cfg.embed.engine)
+        return fingerprint("embed-items", *src, data.id_map_hash)
     if cfg.embed.engine == "sentence":  # the LLM plays no part in these vectors
         return fingerprint("embed", "sentence", cfg.embed.model, generate_fingerprint(cfg, data))
     return fingerprint("embed", cfg.model.base, cfg.model.dtype, cfg.embed.engine,
@@ -26,5 +29,7 @@ def embed_fingerprint(cfg, data) -> str:
 def ground_fingerprint(cfg, data) -> str:
     g = cfg.ground
     collab = () if g.collab == "none" else (g.collab, g.gamma, g.collab_dim, g.collab_neighbours)
-    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, *collab,
+    # BIGRec (generated) fingerprints stay exactly as before, so existing shards remain valid
+    query = () if cfg.query.kind == "generated" else ("query", cfg.query.kind, cfg.query.decay, split_limits(cfg))
+    return fingerprint("ground", g.index, g.top_n, g.nlist, g.nprobe, g.hnsw_m, g.ef_search, *collab, *query,
                        embed_fingerprint(cfg, data))

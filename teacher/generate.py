@@ -132,8 +132,14 @@ def build_generator(cfg, progress: bool = True):
 
 
 def generate_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
-    """Generate for this shard of every split in ``cfg.splits``; finished shards are skipped."""
+    """Generate for this shard of every split in ``cfg.splits``; finished shards are skipped.
+
+    A history-query teacher (``query.kind != generated``, teacher/query.py) generates nothing.
+    """
     import pyarrow as pa
+
+    if cfg.query.kind != "generated":
+        return {"skipped": list(cfg.splits), "done": [], "reason": f"query.kind={cfg.query.kind}: no generation"}
 
     from teacher.artifacts import load_teacher_data, split_prompts, work_dir, write_parquet
     from teacher.shards import mark_done, part, pending, shard_slice

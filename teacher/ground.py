@@ -8,7 +8,8 @@
 - ``target_ranks(queries, items, targets) -> int64 [Q]``: 1-based rank of the target among ALL
   items by distance (1 + number of items strictly closer), chunked torch; gives the teacher's
   own HR/NDCG through ``metrics_from_ranks``.
-- ``ground_phase(cfg, rank, world)``: sharded, resumable; writes ``work/ground/<split>/part-*.parquet``
+- ``ground_phase(cfg, rank, world)``: sharded, resumable; queries = the generated texts'
+  embeddings, or with ``query.kind`` history_* the history-item means of ``teacher.query``; writes ``work/ground/<split>/part-*.parquet``
   with ``row_id``, ``topk_ids`` list<int32>, ``topk_dist`` list<float32>, ``gt_dist`` float32,
   ``target_rank`` int64. Needs the finished item-embedding shards of ALL ranks. With
   ``ground.collab`` popularity | cooc the distances are ``teacher.collab``'s adjusted ones
@@ -113,8 +114,9 @@ def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     import faiss
     import pyarrow as pa
 
-    from teacher.artifacts import gather_item_embeddings, load_teacher_data, read_tensors, work_dir, write_parquet
-    from teacher.shards import ShardError, is_done, mark_done, part
+    from teacher.artifacts import gather_item_embeddings, load_teacher_data, work_dir, write_parquet
+    from teacher.query import is_history, row_queries
+    from teacher.shards import ShardError, is_done, mark_done, part, shard_slice
 
     data = load_teacher_data(cfg.dataset, split_limits(cfg))
     fp, efp = ground_fingerprint(cfg, data), embed_fingerprint(cfg, data)
@@ -130,15 +132,12 @@ def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
     target_of = {int(r): int(t) for r, t in zip(np.concatenate([data.splits[s]["row_id"] for s in todo]),
                                                 np.concatenate([data.splits[s]["target"] for s in todo]))}
     for split in todo:
-        src = part(work, "embed", split, rank, world)
-        if not is_done(src, efp):
-            raise ShardError(f"{work}/embed/{split}: shard {rank} of {world} is not finished; run `teacher embed` first")
-        t = read_tensors(src.path("safetensors"))
-        row_id = t["row_id"].astype(np.int64)
-        q = t["embeddings"].astype(np.float32).reshape(len(row_id), -1) if len(row_id) else np.zeros((0, items.shape[1]), np.float32)
-        if q.shape[1] != items.shape[1]:
-            raise ShardError(f"{src.path('safetensors')}: embedding width {q.shape[1]} != item width {items.shape[1]}")
         t0 = time.perf_counter()
+        if is_history(cfg):  # this shard's rows, as `teacher generate` would shard them
+            row_id, q = row_queries(cfg, data, split, items, shard_slice(len(data.splits[split]["row_id"]), rank, world))
+        else:
+            row_id, q = _embedded_queries(work, split, rank, world, efp, items.shape[1])
+            t0 = time.perf_counter()
         targets = np.array([target_of[int(r)] for r in row_id], np.int64)
         info: dict = {}
         if g.collab != "none":
@@ -165,6 +164,22 @@ def ground_phase(cfg, rank: int, world: int, progress: bool = True) -> dict:
         mark_done(p, fp, rows=int(len(row_id)), seconds=round(secs, 3), **info)
         stats["done"].append({"split": split, "rows": int(len(row_id)), "seconds": round(secs, 3), **info})
     return stats
+
+
+def _embedded_queries(work, split: str, rank: int, world: int, efp: str, width: int):
+    """(row_id int64 [R], queries float32 [R, d]) of this shard's generated-text embeddings."""
+    from teacher.artifacts import read_tensors
+    from teacher.shards import ShardError, is_done, part
+
+    src = part(work, "embed", split, rank, world)
+    if not is_done(src, efp):
+        raise ShardError(f"{work}/embed/{split}: shard {rank} of {world} is not finished; run `teacher embed` first")
+    t = read_tensors(src.path("safetensors"))
+    row_id = t["row_id"].astype(np.int64)
+    q = t["embeddings"].astype(np.float32).reshape(len(row_id), -1) if len(row_id) else np.zeros((0, width), np.float32)
+    if q.shape[1] != width:
+        raise ShardError(f"{src.path('safetensors')}: embedding width {q.shape[1]} != item width {width}")
+    return row_id, q
 
 
 def _collab_ground(cfg, data, split: str, row_id: np.ndarray, q: np.ndarray, items: np.ndarray,
