@@ -60,6 +60,10 @@ def test_study_table_and_cache(folders, capsys):
             vals = [t[m] for t in per_seed]
             assert r[f"{m}_mean"] == pytest.approx(statistics.fmean(vals))
             assert r[f"{m}_std"] == pytest.approx(statistics.stdev(vals))
+        # the selection metric is reported next to the test metrics
+        valid = [json.loads((out / student / variant / f"seed{s}" / "results.json").read_text())["valid"]["ndcg@20"]
+                 for s in (0, 1)]
+        assert r["valid_ndcg@20_mean"] == pytest.approx(statistics.fmean(valid))
         assert r["protocols"] == ["standard (selected on valid, dropout off at eval)"]
     for student in ("gru4rec", "sasrec"):
         base, dist = rows[(student, "none")], rows[(student, "dllm2rec")]
@@ -75,7 +79,7 @@ def test_study_table_and_cache(folders, capsys):
     assert cfg["distill"]["rd"]["enabled"] and cfg["distill"]["ed"]["enabled"] and cfg["train"]["seed"] == 0
     assert res["teacher"]["hr@20"] == TEACHER_TEST["hr@20"]
     md = (out / "results.md").read_text()
-    assert "| gru4rec | dllm2rec | 2 |" in md and "± " in md and "Teacher (LLM) on test: HR@20 0.3125" in md
+    assert "| gru4rec | dllm2rec | 2 |" in md and "± " in md and "Teacher on test: HR@20 0.3125" in md
     assert is_png(out / "results.png") and (out / "results.png").stat().st_size < 200_000
 
     # rerun: everything cached, no run folder is touched

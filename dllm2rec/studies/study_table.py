@@ -2,7 +2,7 @@
 
 For every (student, variant): the test HR@K / NDCG@K of each finished seed (``results.json``
 ``test``, i.e. at the epoch selected by the run's protocol; the protocol label is carried into
-the table), mean and sample standard deviation (ddof = 1; 0 with one seed), the number of
+the table) and its validation NDCG@K at that epoch (the selection metric, ``results.json`` ``valid``), mean and sample standard deviation (ddof = 1; 0 with one seed), the number of
 seeds, and the relative gain of the mean over the same student's ``none`` variant:
 ``100 * (mean_variant - mean_none) / mean_none`` (None when ``none`` is missing or 0), with the
 sample std of the per-seed gains against the same seed's ``none`` run (``*_gain_std``).
@@ -66,6 +66,7 @@ def collect(grid, k: int) -> list[dict]:
     for cell in grid:
         g = groups.setdefault((cell.student, cell.variant), {"student": cell.student, "variant": cell.variant,
                                                              "seeds": [], "runs": [], "protocols": set(),
+                                                             f"valid_ndcg@{k}_values": [],
                                                              **{f"{m}@{k}_values": [] for m in METRICS}})
         res_file = cell.run_dir / "results.json"
         if not res_file.is_file():
@@ -79,9 +80,12 @@ def collect(grid, k: int) -> list[dict]:
         g["protocols"].add(res.get("protocol", "unknown"))
         for m in METRICS:
             g[f"{m}@{k}_values"].append(float(test[f"{m}@{k}"]))
+        valid = (res.get("valid") or {}).get(f"ndcg@{k}")
+        if valid is not None:  # the selection metric at the selected epoch (older runs may lack it)
+            g[f"valid_ndcg@{k}_values"].append(float(valid))
     rows = []
     for g in groups.values():
-        for m in METRICS:
+        for m in (*METRICS, "valid_ndcg"):
             g[f"{m}@{k}_mean"], g[f"{m}@{k}_std"] = _mean_std(g[f"{m}@{k}_values"])
         g["n"] = len(g["seeds"])
         g["protocols"] = sorted(g["protocols"])
@@ -122,15 +126,16 @@ def markdown(name: str, rows: list[dict], k: int, teacher: dict | None, failures
              "Mean ± sample std over seeds; gain = relative change of the mean over the same student without "
              "distillation (variant `none`), ± the sample std of the per-seed gains against the same seed's "
              "`none` run (shown with >= 2 paired seeds).", "",
-             f"| student | variant | n | HR@{k} | NDCG@{k} | gain HR@{k} | gain NDCG@{k} |",
-             "|---|---|---|---|---|---|---|"]
+             f"| student | variant | n | valid NDCG@{k} | HR@{k} | NDCG@{k} | gain HR@{k} | gain NDCG@{k} |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["n"]):
-        lines.append(f"| {r['student']} | {r['variant']} | {r['n']} | {_fmt(r[f'hr@{k}_mean'], r[f'hr@{k}_std'])} | "
+        lines.append(f"| {r['student']} | {r['variant']} | {r['n']} | {_fmt(r[f'valid_ndcg@{k}_mean'], r[f'valid_ndcg@{k}_std'])} | "
+                     f"{_fmt(r[f'hr@{k}_mean'], r[f'hr@{k}_std'])} | "
                      f"{_fmt(r[f'ndcg@{k}_mean'], r[f'ndcg@{k}_std'])} | {_pct(r[f'hr@{k}_gain_pct'], r[f'hr@{k}_gain_std'])} | "
                      f"{_pct(r[f'ndcg@{k}_gain_pct'], r[f'ndcg@{k}_gain_std'])} |")
     lines.append("")
     if teacher:
-        lines.append(f"Teacher (LLM) on test: HR@{k} {teacher[f'hr@{k}']:.4f}, NDCG@{k} {teacher[f'ndcg@{k}']:.4f} "
+        lines.append(f"Teacher on test: HR@{k} {teacher[f'hr@{k}']:.4f}, NDCG@{k} {teacher[f'ndcg@{k}']:.4f} "
                      f"(from {teacher['source']}).")
     else:
         lines.append(f"Teacher test metrics: not available ({teacher_dir or 'the teacher folder'} has no metrics.test in "
