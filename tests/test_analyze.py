@@ -217,3 +217,20 @@ def test_teacher_table_by_hand(fx, tmp_path):
     assert "| t | 4 | 0.5000 | 0.5000 | 12 | 25.0% | 25.00% |" in (out / "teacher_table.md").read_text()
     assert main(["analyze", "teachers", "--teachers", "nolabel", "--before", str(runs["before"]),
                  "--dataset", str(root / "ds"), "--split", "test", "--out", str(out)]) == 2
+
+
+def test_teacher_table_says_which_teachers_carry_collaborative_information(tmp_path):
+    from dllm2rec.studies.teacher_table import _collaborative
+
+    cases = {
+        "llm_plain": ({"collaborative": False, "source": {"kind": "llm"}}, "no"),
+        "llm_cooc": ({"collaborative": True, "collab": {"kind": "cooc", "gamma": 4.0}}, "yes (cooc, gamma 4.0)"),
+        "from_run": ({"source": {"kind": "from-run"}}, "yes (trained on the interactions)"),
+        "ensemble": ({"source": {"kind": "from-run-ensemble"}}, "yes (trained on the interactions)"),
+        "imported": ({"source": {"kind": "import"}}, "? (imported: not declared)"),
+    }
+    for name, (manifest, expected) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        assert _collaborative(tmp_path / name) == expected, name
+    assert _collaborative(tmp_path / "missing") == "?"

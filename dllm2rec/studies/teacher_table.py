@@ -36,6 +36,11 @@ def _collaborative(teacher: Path) -> str:
     if m.get("collaborative"):
         c = m.get("collab") or {}
         return f"yes ({c.get('kind')}, gamma {c.get('gamma')})"
+    kind = (m.get("source") or {}).get("kind", "")
+    if kind.startswith("from-run"):  # a trained student (or an ensemble of them) IS a collaborative model
+        return "yes (trained on the interactions)"
+    if kind == "import":
+        return "? (imported: not declared)"
     return "no"
 
 
