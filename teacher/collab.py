@@ -101,9 +101,27 @@ def adjust(dist: np.ndarray, collab: np.ndarray, gamma: float) -> np.ndarray:
     return dist * np.power(1.0 + np.asarray(collab, np.float64), -float(gamma))
 
 
+def _check_float32(top: np.ndarray, own: np.ndarray, gamma: float) -> None:
+    """Refuse adjusted distances that float32 (the stored dtype) cannot hold (see collab_rank)."""
+    tiny = np.finfo(np.float32).tiny
+    vals = np.concatenate([top.ravel(), own.ravel()])
+    lost = int(((vals > 0) & (vals < tiny)).sum())
+    if lost:
+        raise ConfigError(f"ground.gamma = {gamma}: {lost} of {vals.size} stored distances (top-n and targets of "
+                          f"one block) fall below float32's smallest normal number {tiny:.2e} and would be stored "
+                          "as 0 or a denormal; the RD confidence weights would be uniform and gt_dist 0. "
+                          "Choose a smaller gamma (sweep it with `teacher sweep-gamma`; 64 was safe on MovieLens-100K).")
+
+
 def collab_rank(queries: np.ndarray, items: np.ndarray, collab: np.ndarray, gamma: float, top_n: int,
-                targets: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                targets: np.ndarray, chunk: int = 512, strict: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ground ``queries`` [Q, d] against ``items`` [N, d] by the adjusted distance.
+
+    ``strict`` (the ground phase, which stores the distances): a ConfigError when a positive
+    adjusted distance of a stored top-n entry or target falls below float32's smallest normal
+    number: large gammas underflow it to 0 (or a denormal), which keeps the ranking but makes the
+    RD confidence and the paper variant's reliability meaningless. Sweeps (ranks only) pass False.
 
     ``collab``: [N] (same for every row) or [Q, N]. Returns ``ids`` int64 [Q, top_n] and their
     adjusted distances float32 (ascending; ties by item id, as a stable sort), ``gt`` float32 [Q]
@@ -129,6 +147,8 @@ def collab_rank(queries: np.ndarray, items: np.ndarray, collab: np.ndarray, gamm
         ids[s:s + len(q)] = order
         dist[s:s + len(q)] = np.take_along_axis(adj, order, axis=1)
         own = adj[np.arange(len(q)), targets[s:s + chunk]]
+        if strict:
+            _check_float32(np.take_along_axis(adj, order, axis=1), own, gamma)
         gt[s:s + len(q)] = own
         ranks[s:s + len(q)] = (adj < own[:, None]).sum(axis=1) + 1
     return ids, dist, gt, ranks

@@ -204,7 +204,7 @@ def _collab_ground(cfg, data, split: str, row_id: np.ndarray, q: np.ndarray, ite
     for s in range(0, len(idx), block):
         part_rows = {k: v[s:s + block] for k, v in rows.items()}
         score = collab_scores(g.collab, train, part_rows, data.n_items, g.collab_dim, g.collab_neighbours, factors)
-        out.append(collab_rank(q[s:s + block], items, score, g.gamma, g.top_n, targets[s:s + block]))
+        out.append(collab_rank(q[s:s + block], items, score, g.gamma, g.top_n, targets[s:s + block], strict=True))
     if not out:
         z = np.zeros((0, g.top_n))
         return z.astype(np.int64), z.astype(np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)

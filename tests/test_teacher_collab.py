@@ -51,6 +51,23 @@ def test_large_gamma_popularity_tends_to_the_popularity_list():
     assert (ids == np.array([7, 3, 11])).all()
 
 
+def test_stored_distances_that_underflow_float32_are_refused_when_strict():
+    rng = np.random.default_rng(2)
+    n = 30
+    items = rng.normal(size=(n, 4)).astype(np.float32)
+    q = rng.normal(size=(5, 4)).astype(np.float32)
+    pop = collab.popularity_score(np.r_[np.repeat(7, 50), np.arange(n)], n)  # item 7: collab 1.0
+    targets = np.zeros(5, np.int64)
+    # (1 + 1) ** -200 ~ 6e-61: below float32's smallest normal, so item 7's stored distance would be 0
+    ids, dist, _, _ = collab.collab_rank(q, items, pop, 200.0, 3, targets)  # ranks only: allowed
+    assert (ids[:, 0] == 7).all() and (dist[:, 0] == 0).all()
+    with pytest.raises(ConfigError, match="ground.gamma = 200.0.*float32"):
+        collab.collab_rank(q, items, pop, 200.0, 3, targets, strict=True)
+    # a gamma whose distances float32 holds passes strict, with the same ranking
+    ids8, dist8, _, _ = collab.collab_rank(q, items, pop, 8.0, 3, targets, strict=True)
+    assert (dist8 > 0).all()
+
+
 def test_cooc_factors_come_from_cooccurrence():
     # items 0-4 co-occur only among themselves, 5-9 only among themselves
     rng = np.random.default_rng(2)
