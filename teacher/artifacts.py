@@ -6,8 +6,12 @@
 - ``merge(cfg)``: joins the finished shards of every phase into the teacher folder
   (schema ``dllm2rec.teacher/1``, docs/ARCHITECTURE.md): ``rank_<split>.parquet``,
   ``item_embeddings.safetensors``, ``manifest.json`` (last; ``query`` says what rows were grounded
-  from, ``teacher.query``; a history-query teacher has no ``generated`` column). Every dataset row must appear in
-  exactly one shard; anything else raises ``ShardError`` naming the split and row ids.
+  from, ``teacher.query``; a history-query teacher has no ``generated`` column; ``diversity`` per
+  split: ``output_diversity``). Every dataset row must appear in exactly one shard; anything else
+  raises ``ShardError`` naming the split and row ids.
+- ``output_diversity(generated, topk_ids)`` -> ``{"rows", "distinct_generated" (None without
+  texts), "distinct_top1"}``: how varied the teacher's answers are (a collapsed fine-tune writes
+  a handful of titles for every row; ``dllm2rec analyze teacher`` gives the fuller profile).
 - ``export_tocf(teacher_dir, out_dir, top_n)``: the reference-code ``tocf/<name>/`` files.
 """
 from __future__ import annotations
@@ -133,6 +137,17 @@ def _concat_parts(work: Path, phase: str, split: str, fp: str, expected: np.ndar
     return table.take(pa.array(np.argsort(ids, kind="stable")))
 
 
+def output_diversity(generated, topk_ids) -> dict:
+    """Distinct generated texts / top-1 items over the rows. ``generated``: pyarrow string
+    array or None; ``topk_ids``: pyarrow list<int> array, one list per row (best first)."""
+    import pyarrow.compute as pc
+
+    top1 = pc.list_element(topk_ids, 0) if len(topk_ids) else topk_ids
+    return {"rows": len(topk_ids),
+            "distinct_generated": None if generated is None else int(pc.count_distinct(generated).as_py()),
+            "distinct_top1": int(pc.count_distinct(top1).as_py()) if len(topk_ids) else 0}
+
+
 def merge(cfg) -> dict:
     """Write the final teacher folder from finished shards; returns its manifest."""
     import pyarrow as pa
@@ -145,7 +160,7 @@ def merge(cfg) -> dict:
     (out / "manifest.json").unlink(missing_ok=True)
     gfp, efp, rfp = generate_fingerprint(cfg, data), embed_fingerprint(cfg, data), ground_fingerprint(cfg, data)
     items = gather_item_embeddings(work, efp, data.n_items)
-    counts, metrics = {}, {}
+    counts, metrics, diversity = {}, {}, {}
     history = is_history(cfg)
     for split in cfg.splits:
         expected = np.sort(data.splits[split]["row_id"])
@@ -163,6 +178,7 @@ def merge(cfg) -> dict:
         write_parquet(table, out / f"rank_{split}.parquet")
         counts[split] = table.num_rows
         metrics[split] = metrics_from_ranks(grd.column("target_rank").to_numpy(), cfg.ground.ks)
+        diversity[split] = output_diversity(gen.get("generated"), grd.column("topk_ids"))
     store = np.float16 if cfg.embed.store_dtype == "float16" else np.float32
     write_tensors({"embeddings": items.astype(store)}, out / "item_embeddings.safetensors")
     manifest = {
@@ -194,6 +210,7 @@ def merge(cfg) -> dict:
         "splits": counts,
         "limit": split_limits(cfg),
         "metrics": metrics,
+        "diversity": diversity,
     }
     write_manifest(out, {"schema": SCHEMA, **manifest})
     return manifest

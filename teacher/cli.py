@@ -182,7 +182,7 @@ def _merge(args) -> None:
     from teacher.artifacts import merge
 
     manifest = merge(_config(args))
-    print(json.dumps({"merged": manifest["splits"], "metrics": manifest["metrics"]}))
+    print(json.dumps({"merged": manifest["splits"], "metrics": manifest["metrics"], "diversity": manifest["diversity"]}))
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -6,14 +6,23 @@ One plain Accelerate loop: the same code runs single-process on CPU, under
 dropout 0.05 on q_proj/v_proj, effective batch 128, 1,024 sampled training prompts, loss on
 prompt and answer (``train_on_inputs=True``).
 
+Training prompts: ``sample_strategy: uniform`` (default) draws ``sample_size`` train rows
+uniformly (``teacher.finetune_data.sample_rows``), so frequent targets dominate as they do in the
+split; ``balanced`` keeps at most ``max_per_target`` rows per target item, spread evenly over the
+targets (``sample_balanced``; fewer than ``sample_size`` rows when the cap binds, logged). The
+validation sample is always uniform, so valid losses compare across strategies. Under
+``uniform`` the two sampling keys are not part of ``config_identity`` (runs made before they
+existed keep their identity).
+
 Output folder (``output_dir``), schema ``dllm2rec.teacher_lora/1``:
 - ``adapter/``: PEFT ``save_pretrained`` of the best epoch (lowest validation loss), replaced
   atomically (written to a temp folder, then renamed);
 - ``config.yaml``: the resolved ``FinetuneConfig``;
 - ``manifest.json`` (last): base model, LoRA hyper-parameters, sample sizes, seed, dataset
   ``id_map_hash``, ``valid_loss`` per epoch (entry 0 = the un-tuned base), ``best_epoch``,
-  timings. A finished folder with the same config is skipped (resume-safe); a half-written
-  one is redone.
+  ``train_targets`` (distinct target items among the training examples, their share of the
+  catalogue = target coverage, the most rows one target has), timings. A finished folder with
+  the same config is skipped (resume-safe); a half-written one is redone.
 
 Merging an adapter into the base weights lives in ``teacher.lora``.
 """
@@ -43,6 +52,8 @@ class FinetuneConfig:
     output_dir: str = "runs/teacher/ml-100k/lora"
     base_model: str = "smollm2"  # "smollm2" (cached conversion) or a local HF folder
     sample_size: int = 1024  # training prompts sampled from the train split (BIGRec: 1,024)
+    sample_strategy: str = "uniform"  # uniform | balanced (<= max_per_target prompts per target item)
+    max_per_target: int = 1  # balanced only: cap on training prompts that share one target item
     valid_size: int = 200  # validation prompts (valid split) for the per-epoch loss
     seed: int = 0
     max_length: int = 256  # tokens per example (prompt + answer + EOS), truncated on the right
@@ -65,11 +76,12 @@ class FinetuneConfig:
     progress: bool = True
 
 
-_POSITIVE = ("sample_size", "valid_size", "max_length", "lora_r", "lora_alpha", "lr", "epochs",
-             "micro_batch_size", "effective_batch_size")
+_POSITIVE = ("sample_size", "max_per_target", "valid_size", "max_length", "lora_r", "lora_alpha", "lr",
+             "epochs", "micro_batch_size", "effective_batch_size")
 _NON_NEGATIVE = ("seed", "weight_decay", "patience", "max_grad_norm", "threads", "max_seconds")
 # Fields that do not change the result: a finished run is reused even if they differ.
 _NOT_IDENTITY = ("output_dir", "progress", "threads")
+SAMPLE_STRATEGIES = ("uniform", "balanced")
 
 
 def validate(cfg: FinetuneConfig, source: str = "config") -> FinetuneConfig:
@@ -83,6 +95,8 @@ def validate(cfg: FinetuneConfig, source: str = "config") -> FinetuneConfig:
     for name in ("lora_dropout", "warmup_ratio"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{source}: '{name}' must be in [0, 1), got {getattr(cfg, name)!r}")
+    if cfg.sample_strategy not in SAMPLE_STRATEGIES:
+        raise ConfigError(f"{source}: 'sample_strategy' = {cfg.sample_strategy!r}; choose one of {SAMPLE_STRATEGIES}")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"{source}: 'mixed_precision' = {cfg.mixed_precision!r}; choose 'no' or 'bf16'")
     if not cfg.target_modules or any(not m for m in cfg.target_modules):
@@ -106,6 +120,8 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | None = 
 def config_identity(cfg: FinetuneConfig) -> str:
     """sha256 over the fields that determine the adapter (not output_dir / progress / threads)."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+    if cfg.sample_strategy == "uniform":  # keeps the identity of runs made before these keys existed
+        del d["sample_strategy"], d["max_per_target"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -135,16 +151,18 @@ def is_done(cfg: FinetuneConfig) -> bool:
     return (out / "adapter" / "adapter_config.json").is_file()
 
 
-def _encode_split(cfg, dataset, tokenizer, split: str, size: int, seed: int):
-    from teacher.finetune_data import encode_example, sample_rows, split_texts
+def _encode_split(cfg, dataset, tokenizer, split: str, size: int, seed: int, balanced: bool = False):
+    """(examples, sampled row indices); each example carries its dataset ``row``."""
+    from teacher.finetune_data import encode_example, sample_balanced, sample_rows, split_texts
 
-    n_rows = len(dataset.splits[split]["target"])
-    rows = sample_rows(n_rows, size, seed)
+    targets = dataset.splits[split]["target"]
+    rows = (sample_balanced(targets, size, cfg.max_per_target, seed) if balanced
+            else sample_rows(len(targets), size, seed))
     examples = []
-    for prompt, full in split_texts(dataset, split, rows):
+    for row, (prompt, full) in zip(rows, split_texts(dataset, split, rows)):
         ex = encode_example(tokenizer, prompt, full, cfg.max_length, cfg.train_on_inputs)
         if any(t != -100 for t in ex["labels"]):  # an answer cut off by truncation teaches nothing
-            examples.append(ex)
+            examples.append({**ex, "row": int(row)})
     return examples, rows
 
 
@@ -200,7 +218,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
     from transformers import AutoModelForCausalLM
 
     from dllm2rec.data.dataset import load_dataset
-    from teacher.finetune_data import collate
+    from teacher.finetune_data import collate, target_coverage
     from teacher.model import load_tokenizer, resolve_base_model
 
     out = Path(cfg.output_dir)
@@ -228,7 +246,13 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
     base_path = resolve_base_model(cfg.base_model)
     dataset = load_dataset(cfg.dataset)
     tokenizer = load_tokenizer(base_path, padding_side="right")
-    train_ex, train_rows = _encode_split(cfg, dataset, tokenizer, "train", cfg.sample_size, cfg.seed)
+    balanced = cfg.sample_strategy == "balanced"
+    train_ex, train_rows = _encode_split(cfg, dataset, tokenizer, "train", cfg.sample_size, cfg.seed, balanced)
+    if balanced and len(train_rows) < cfg.sample_size and accelerator.is_main_process:
+        print(f"finetune: max_per_target={cfg.max_per_target} leaves {len(train_rows)} of the requested "
+              f"{cfg.sample_size} training prompts; training on those")
+    train_targets = target_coverage(dataset.splits["train"]["target"][[e["row"] for e in train_ex]],
+                                    len(dataset.titles))
     valid_ex, valid_rows = _encode_split(cfg, dataset, tokenizer, "valid", cfg.valid_size, cfg.seed + 1)
     if not train_ex or not valid_ex:
         raise TrainingError(f"{cfg.dataset}: no usable training/validation examples at max_length {cfg.max_length}")
@@ -276,7 +300,9 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
     if main:
         print(f"finetune: {len(train_ex)} train / {len(valid_ex)} valid examples, {world} process(es), "
               f"accumulation {accum}, {trainable:,} trainable parameters; valid loss before: {best:.4f} "
-              f"(answer tokens {answer_losses[0]:.4f})")
+              f"(answer tokens {answer_losses[0]:.4f}); {cfg.sample_strategy} sample: "
+              f"{train_targets['distinct_targets']} distinct targets ({train_targets['target_coverage']:.1%} "
+              f"of {len(dataset.titles)} items, at most {train_targets['max_rows_per_target']} rows each)")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         run_sum, run_n = 0.0, 0
@@ -348,6 +374,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
             "train_rows": int(len(train_rows)), "train_examples": len(train_ex),
             "valid_rows": int(len(valid_rows)), "valid_examples": len(valid_ex),
             "train_rows_sha256": hashlib.sha256(train_rows.tobytes()).hexdigest(),
+            "train_targets": train_targets,
             "world_size": world, "accumulation_steps": accum, "optimizer_steps": opt_steps,
             "trainable_parameters": int(trainable),
             "train_loss": train_losses, "valid_loss": valid_losses, "valid_answer_loss": answer_losses,

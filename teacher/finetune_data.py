@@ -3,6 +3,17 @@
 Contract:
 - ``sample_rows(n_rows, size, seed)`` -> sorted int64 indices, ``min(size, n_rows)`` of them,
   drawn without replacement from a ``numpy`` generator seeded with ``seed`` (same inputs, same rows).
+  This is ``sample_strategy: uniform`` (the default); popular targets dominate such a sample as
+  they dominate the split.
+- ``sample_balanced(targets, size, max_per_target, seed)`` -> sorted int64 indices
+  (``sample_strategy: balanced``): at most ``max_per_target`` rows per target item, spread
+  evenly: every target gets its 1st row before any gets a 2nd, and so on (round-robin over a
+  seeded shuffle), so rare targets are taken whole before popular ones get more rows; where a
+  round does not fit into ``size`` a seeded random subset of its targets is taken. Returns
+  ``min(size, rows the cap allows)`` indices; fewer than ``size`` when the cap binds (the caller
+  logs it). Same inputs, same rows.
+- ``target_coverage(targets, n_items)`` -> ``{"distinct_targets", "target_coverage" (share of the
+  catalogue), "max_rows_per_target"}`` of the given target ids.
 - ``split_texts(dataset, split, indices)`` -> list of ``(prompt, full_text)`` where ``full_text``
   is ``teacher.prompts.build_training_text`` (prompt + quoted answer) and ``prompt`` is its
   prefix the model is conditioned on (``teacher.prompts.build_prompt``).
@@ -34,6 +45,42 @@ def sample_rows(n_rows: int, size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     take = min(int(size), int(n_rows))
     return np.sort(rng.choice(n_rows, size=take, replace=False)).astype(np.int64)
+
+
+def sample_balanced(targets: np.ndarray, size: int, max_per_target: int, seed: int) -> np.ndarray:
+    """Target-capped, evenly spread seeded sample of row indices (module docstring), sorted."""
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.ndim != 1 or len(targets) == 0:
+        raise DataError("dataset", "the split has no rows to sample from")
+    if int(max_per_target) < 1 or int(size) < 1:
+        raise DataError("dataset", f"balanced sampling needs size >= 1 and max_per_target >= 1, "
+                                   f"got {size}, {max_per_target}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(targets))
+    t = targets[perm]
+    # round[i]: how many earlier rows (in the shuffled order) share row i's target
+    by_target = np.argsort(t, kind="stable")
+    sorted_t = t[by_target]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_t)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(t)]))
+    rounds = np.empty(len(t), dtype=np.int64)
+    rounds[by_target] = np.arange(len(t)) - group_start
+    keep = np.flatnonzero(rounds < int(max_per_target))
+    # round first, shuffled position second: a partly taken round is a random subset of targets
+    order = keep[np.lexsort((keep, rounds[keep]))]
+    return np.sort(perm[order[: int(size)]]).astype(np.int64)
+
+
+def target_coverage(targets: Sequence[int] | np.ndarray, n_items: int) -> dict[str, float | int]:
+    """Distinct target items among ``targets``, their share of ``n_items``, the largest count."""
+    t = np.asarray(targets, dtype=np.int64)
+    if n_items <= 0:
+        raise DataError("dataset", f"n_items must be > 0, got {n_items}")
+    if len(t) == 0:
+        return {"distinct_targets": 0, "target_coverage": 0.0, "max_rows_per_target": 0}
+    _, counts = np.unique(t, return_counts=True)
+    return {"distinct_targets": int(len(counts)), "target_coverage": float(len(counts) / n_items),
+            "max_rows_per_target": int(counts.max())}
 
 
 def row_titles(dataset: Any, split: str, index: int) -> tuple[list[str], str]:

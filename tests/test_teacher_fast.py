@@ -178,6 +178,13 @@ def test_sharded_merge_equals_unsharded_and_resumes(tmp_path):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert m["splits"] == {"train": 10, "valid": 3, "test": 3} and m["normalized"] is False and m["top_n"] == 5
+    import pyarrow.parquet as pq
+
+    for split in ("train", "valid", "test"):  # diversity of the answers, recounted from the rank file
+        gen = pq.read_table(tmp_path / "two" / f"rank_{split}.parquet").column("generated").to_pylist()
+        top1 = read_rank_table(tmp_path / "two", split)["topk_ids"][:, 0]
+        assert m["diversity"][split] == {"rows": m["splits"][split], "distinct_generated": len(set(gen)),
+                                         "distinct_top1": len(set(top1.tolist()))}
     know = load_teacher(tmp_path / "two", load_dataset(ds))  # the students' loader accepts it
     assert know.topk_ids.shape == (10, 5)
     tocf = export_tocf(tmp_path / "two", tmp_path / "tocf")

@@ -209,6 +209,32 @@ def test_finetune_lowers_loss_saves_reloads_merges_and_skips(tiny_dataset, tiny_
         finetune(_cfg(tiny_dataset, tiny_base, out, lr=1e-3))
 
 
+def test_balanced_sampling_in_the_loop_records_target_coverage(tiny_dataset, tiny_base, tmp_path):
+    """``sample_strategy: balanced`` reaches the loop: one prompt per target (the cap binds below
+    sample_size), and the manifest's ``train_targets`` counts them; uniform records its own."""
+    from dllm2rec.atomic import read_manifest
+    from dllm2rec.data.dataset import load_dataset
+    from teacher.finetune import SCHEMA, finetune
+    from teacher.finetune_data import sample_rows
+
+    targets = load_dataset(tiny_dataset).splits["train"]["target"]
+    n_distinct = len(np.unique(targets))
+    assert n_distinct < 16  # the fixture's 24 rows cover fewer than 16 of its 12 titles
+    out = tmp_path / "balanced"
+    finetune(_cfg(tiny_dataset, tiny_base, out, sample_strategy="balanced", max_per_target=1, epochs=2))
+    m = read_manifest(out, SCHEMA)
+    assert m["train_rows"] == m["train_examples"] == n_distinct
+    assert m["train_targets"] == {"distinct_targets": n_distinct, "target_coverage": n_distinct / len(TITLES),
+                                  "max_rows_per_target": 1}
+    assert m["config"]["sample_strategy"] == "balanced"
+    uni = tmp_path / "uniform"
+    finetune(_cfg(tiny_dataset, tiny_base, uni, epochs=2))
+    u = read_manifest(uni, SCHEMA)
+    counts = np.unique(targets[sample_rows(len(targets), 16, 0)], return_counts=True)[1]
+    assert u["train_examples"] == 16 and u["train_targets"]["distinct_targets"] == len(counts)
+    assert u["train_targets"]["max_rows_per_target"] == counts.max() > 1
+
+
 def test_answer_only_training_and_cli(tiny_dataset, tiny_base, tmp_path):
     from teacher.cli import run
 
