@@ -86,3 +86,20 @@ def test_compare_thread_counts_parse_and_refuse():
     assert _thread_counts(Namespace(compare_threads=None, threads=3)) == [3]
     with pytest.raises(SystemExit, match="--compare-threads"):
         _thread_counts(Namespace(compare_threads="one", threads=0))
+
+
+def test_sliced_table_projection_at_evaluation_matches_the_training_route(tiny_cfg):
+    # 300 teacher rows -> two projection slices in split_ranks; the training route gathers and
+    # projects per batch (llm_table=), so both must give the same ranks.
+    from dllm2rec.eval.evaluate import split_ranks
+    from dllm2rec.eval.metrics import rank_of_targets
+    from dllm2rec.train.distributed import make_accelerator
+    from dllm2rec.train.inputs import load_inputs
+
+    inputs = load_inputs(tiny_cfg)
+    student, valid = inputs.student.eval(), inputs.splits["valid"]
+    with torch.no_grad():
+        h = student.encode(valid.history, valid.lengths, llm_table=inputs.llm_table)
+        expect = rank_of_targets(h, student.output.weight, student.output.bias, valid.target)
+    got = split_ranks(student, valid, make_accelerator(), chunk=65536, batch_size=32, llm_table=inputs.llm_table)
+    assert inputs.llm_table.shape[0] > 256 and torch.equal(got.long(), expect)

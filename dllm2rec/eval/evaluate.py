@@ -19,6 +19,8 @@ from dllm2rec.eval import metrics
 from dllm2rec.train.batches import SplitTensors, step_seed
 from dllm2rec.train.distributed import gather_rows, shard_bounds
 
+_PROJECT_ROWS = 256  # teacher-table rows projected at once at evaluation
+
 
 @torch.no_grad()
 def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_size: int,
@@ -37,10 +39,13 @@ def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_s
     if llm_table is not None:
         # ED: project the whole teacher table once ([N, d] -> [N, H]) instead of every batch's
         # histories (a 1024-row batch holds up to 10k distinct ids: 15x the work per evaluation).
+        # In slices of _PROJECT_ROWS rows: no full float32 copy, and each slice's float32 copy
+        # (4 MiB at d = 4096) stays in cache instead of faulting in a fresh 64 MiB buffer per
+        # slice (about 2x faster on CPU; rows are independent, so the values are unchanged).
         from dllm2rec.models import gather_history, project_llm_table
 
-        projected = torch.cat([project_llm_table(student, llm_table[i:i + 4096].to(device), matmul_dtype)
-                               for i in range(0, llm_table.shape[0], 4096)])  # no full float32 copy
+        projected = torch.cat([project_llm_table(student, llm_table[i:i + _PROJECT_ROWS].to(device), matmul_dtype)
+                               for i in range(0, llm_table.shape[0], _PROJECT_ROWS)])
     parts = []
     for i, s in enumerate(range(start, end, batch_size)):
         e = min(s + batch_size, end)
