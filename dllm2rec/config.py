@@ -100,6 +100,10 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch (exact mid-epoch resume)
     max_steps_per_epoch: int = 0  # 0 = full pass (a cap is for smoke tests)
     progress: bool = True
+    # float32 | bfloat16: dtype of the heavy matrix products (ED projection, catalogue/DRO score pass,
+    # evaluation scores; dllm2rec/precision.py). bfloat16 is opt-in: it changes results beyond the
+    # fp32 tolerances, and is slower than fp32 on CPUs without AMX / avx512_bf16 (see BENCHMARKS.md).
+    matmul_dtype: str = "float32"
 
 
 @dataclass
@@ -124,6 +128,7 @@ _CHOICES = {
     ("loss", "objective"): {"bce", "ce", "sampled_softmax"},
     ("distill", "rd", "variant"): {"official", "paper"},
     ("train", "select_on"): {"valid", "test"},
+    ("train", "matmul_dtype"): {"float32", "bfloat16"},  # = dllm2rec.precision.MATMUL_DTYPES (no torch import here)
 }
 _POSITIVE = {
     ("model", "hidden"), ("model", "max_len"), ("model", "num_heads"), ("model", "num_blocks"),
@@ -302,9 +307,15 @@ def flat_items(d: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     return out
 
 
-def config_diff(saved: dict, now: dict, ignore: set[tuple] = frozenset()) -> list[str]:
-    """Dotted keys whose value differs between two config dicts (keys in ``ignore`` skipped)."""
+def config_diff(saved: dict, now: dict, ignore: set[tuple] = frozenset(), defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose value differs between two config dicts (keys in ``ignore`` skipped).
+
+    ``defaults`` (e.g. ``config_to_dict(RunConfig())``): a key missing from ``saved`` takes its
+    default there, so a config written before the key existed (e.g. ``train.matmul_dtype``) is not
+    reported as changed while the key keeps its default."""
     a, b = flat_items(saved or {}), flat_items(now or {})
+    if defaults:
+        a = {**{k: v for k, v in flat_items(defaults).items() if k not in a}, **a}
     return sorted(".".join(k) for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 

@@ -57,3 +57,49 @@ def test_export_revision(tmp_path):
     assert len(commit) == 40 and (tmp_path / "old" / "dllm2rec" / "bench" / "train.py").is_file()
     with pytest.raises(SystemExit, match="not a commit"):
         export_revision(root, "no-such-ref-xyz", tmp_path / "bad")
+
+
+def test_rank_agreement_of_bf16_evaluation(tiny_cfg, tmp_path):
+    from dllm2rec.bench.compare import agreement_markdown, rank_agreement
+    from dllm2rec.eval.evaluate import split_ranks
+    from dllm2rec.eval.metrics import hr_ndcg
+    from dllm2rec.train.distributed import make_accelerator
+    from dllm2rec.train.inputs import load_inputs
+
+    inputs = load_inputs(tiny_cfg)
+    acc, valid = make_accelerator(), inputs.splits["valid"]
+    kw = dict(chunk=tiny_cfg.loss.item_chunk, batch_size=32, llm_table=inputs.llm_table)
+    a = rank_agreement(inputs.student, tmp_path / "none.safetensors", valid, acc, tiny_cfg,
+                       {**kw, "matmul_dtype": torch.bfloat16})
+    assert a["weights"].startswith("untrained") and a["rows"] == len(valid) == 64
+    assert a["equal_share"] + a["better_share"] + a["worse_share"] == pytest.approx(1.0)
+    assert a["fp32"] == hr_ndcg(split_ranks(inputs.student, valid, acc, **kw), [10, 20])
+    assert "| ndcg@20 |" in "\n".join(agreement_markdown(a, "bfloat16"))
+
+
+def test_compare_thread_counts_parse_and_refuse():
+    from argparse import Namespace
+
+    from dllm2rec.bench.compare import _thread_counts
+
+    assert _thread_counts(Namespace(compare_threads="1,2", threads=0)) == [1, 2]
+    assert _thread_counts(Namespace(compare_threads=None, threads=3)) == [3]
+    with pytest.raises(SystemExit, match="--compare-threads"):
+        _thread_counts(Namespace(compare_threads="one", threads=0))
+
+
+def test_sliced_table_projection_at_evaluation_matches_the_training_route(tiny_cfg):
+    # 300 teacher rows -> two projection slices in split_ranks; the training route gathers and
+    # projects per batch (llm_table=), so both must give the same ranks.
+    from dllm2rec.eval.evaluate import split_ranks
+    from dllm2rec.eval.metrics import rank_of_targets
+    from dllm2rec.train.distributed import make_accelerator
+    from dllm2rec.train.inputs import load_inputs
+
+    inputs = load_inputs(tiny_cfg)
+    student, valid = inputs.student.eval(), inputs.splits["valid"]
+    with torch.no_grad():
+        h = student.encode(valid.history, valid.lengths, llm_table=inputs.llm_table)
+        expect = rank_of_targets(h, student.output.weight, student.output.bias, valid.target)
+    got = split_ranks(student, valid, make_accelerator(), chunk=65536, batch_size=32, llm_table=inputs.llm_table)
+    assert inputs.llm_table.shape[0] > 256 and torch.equal(got.long(), expect)

@@ -62,3 +62,12 @@ def test_topk_matches_dense(chunk):
     assert torch.equal(topk_items(h, w, b, 4, chunk, exclude=excl), s.topk(6, 1).indices[:, 2:])
     with pytest.raises(ValueError):
         topk_items(h, w, b, 30)
+
+
+def test_rank_counts_whole_wide_blocks_and_ignores_nan():
+    # One row -> item blocks of 2**20 items: every count of the in-place float compare must be exact.
+    n = (1 << 20) + 5
+    w, b = torch.zeros(n, 2), torch.ones(n)
+    b[7] = 0.0  # the lowest score: every other item is above it
+    b[9] = float("nan")  # a NaN score never counts as higher (as with ``>``)
+    assert rank_of_targets(torch.zeros(1, 2), w, b, torch.tensor([7])).tolist() == [n - 1]

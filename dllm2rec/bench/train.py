@@ -13,6 +13,10 @@ DRO catalogue pass, RD, backward, optimizer). ``--compare REF`` measures the cod
 REF (exported with ``git archive`` into a temporary folder) and this working tree side by side:
 one subprocess per measurement (1 epoch + 1 evaluation each), alternating old and new, so both see
 the same background load; reports the medians and the old/new ratios (``dllm2rec.bench.compare``).
+``--matmul-dtype`` sets ``train.matmul_dtype`` of the measured run (``dllm2rec.precision``);
+``--compare-precision`` measures float32 and bfloat16 of this tree the same way (alternating
+subprocesses, at each of ``--compare-threads``) and how far bfloat16 evaluation ranks differ from
+fp32 ranks of the same trained weights (``--rank-agreement``).
 """
 from __future__ import annotations
 
@@ -38,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the parts of STEPS training steps (0 = off)")
     parser.add_argument("--compare", default=None, metavar="REF",
                         help="git revision to measure side by side with this tree (alternating subprocesses)")
+    parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="train.matmul_dtype of the measured run (dtype of the heavy matrix products)")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="measure matmul dtype float32 and bfloat16 side by side (alternating subprocesses)")
+    parser.add_argument("--compare-threads", default=None, metavar="LIST",
+                        help="with --compare-precision: comma-separated thread counts, e.g. 1,2 (default: --threads)")
+    parser.add_argument("--rank-agreement", action="store_true",
+                        help="with --matmul-dtype bfloat16: also rank the valid split in fp32 with the same trained "
+                             "weights and report how the ranks and metrics differ")
 
 
 def cache_dir() -> Path:
@@ -58,7 +71,7 @@ def games_inputs(rows: int, items: int, emb_dim: int, top_n: int) -> tuple[Path,
     return ds, teacher
 
 
-def bench_config(ds: Path, teacher: Path, out: Path, epochs: int):
+def bench_config(ds: Path, teacher: Path, out: Path, epochs: int, matmul_dtype: str = "float32"):
     from dllm2rec.config import load_config
 
     return load_config(None, [
@@ -66,6 +79,7 @@ def bench_config(ds: Path, teacher: Path, out: Path, epochs: int):
         f"distill.teacher={teacher}", "distill.rd.enabled=true", "distill.rd.variant=official", "distill.rd.k=10",
         "distill.ed.enabled=true", "train.batch_size=256", f"train.epochs={epochs}", "train.patience=0",
         "train.progress=false", f"train.output_dir={out}", "train.checkpoint_every=1000",
+        f"train.matmul_dtype={matmul_dtype}",
     ])
 
 
@@ -74,6 +88,7 @@ def measure(args) -> dict:
 
     from dllm2rec.train.distributed import make_accelerator
     from dllm2rec.eval.evaluate import evaluate_split
+    from dllm2rec.precision import resolve
     from dllm2rec.train.loop import load_inputs, train
 
     if args.threads:
@@ -84,7 +99,8 @@ def measure(args) -> dict:
     result = {"rows": args.rows, "items": args.items, "emb_dim": args.emb_dim, "top_n": args.top_n,
               "threads": torch.get_num_threads(), "prepare_seconds": round(prep, 2)}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(ds, teacher, Path(tmp) / "run", args.repeats)
+        cfg = bench_config(ds, teacher, Path(tmp) / "run", args.repeats, getattr(args, "matmul_dtype", "float32"))
+        result["matmul_dtype"] = cfg.train.matmul_dtype
         if args.bench == "train":
             train(cfg)
             lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -98,21 +114,28 @@ def measure(args) -> dict:
         accelerator = make_accelerator()
         inputs = load_inputs(cfg)
         student = inputs.student.eval()
+        eval_kw = dict(chunk=cfg.loss.item_chunk, batch_size=cfg.train.eval_batch_size, llm_table=inputs.llm_table,
+                       matmul_dtype=resolve(cfg.train.matmul_dtype))
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            evaluate_split(student, inputs.splits["valid"], accelerator, cfg.eval.ks, chunk=cfg.loss.item_chunk,
-                           batch_size=cfg.train.eval_batch_size, llm_table=inputs.llm_table)
+            evaluate_split(student, inputs.splits["valid"], accelerator, cfg.eval.ks, **eval_kw)
             times.append(time.perf_counter() - t)
         result.update(eval_rows=len(inputs.splits["valid"]), eval_seconds=[round(x, 3) for x in times],
                       eval_median=statistics.median(times))
+        if getattr(args, "rank_agreement", False) and eval_kw["matmul_dtype"] is not None:
+            from dllm2rec.bench.compare import rank_agreement
+
+            best = Path(tmp) / "run" / "best" / "model.safetensors"
+            result["rank_agreement"] = rank_agreement(student, best, inputs.splits["valid"], accelerator, cfg, eval_kw)
     return result
 
 
 def markdown(r: dict, argv: str) -> str:
     lines = [f"## bench {'train' if 'epoch_median' in r else 'eval'}", "",
              f"Command: `{argv}`  ", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch threads {r['threads']}, load average {os.getloadavg()[0]:.1f} at the end", "",
+             f"torch threads {r['threads']}, load average {os.getloadavg()[0]:.1f} at the end, "
+             f"train.matmul_dtype {r.get('matmul_dtype', 'float32')}", "",
              "| measurement | median (s) | runs (s) | target |", "|---|---|---|---|"]
     if "epoch_median" in r:
         lines.append(f"| one training epoch: {r['rows']:,} rows, {r['steps_per_epoch']} steps of 256, SASRec + DRO + "
@@ -121,6 +144,10 @@ def markdown(r: dict, argv: str) -> str:
     lines.append(f"| full-ranking evaluation: {r['eval_rows']:,} rows x {r['items']:,} items | {r['eval_median']:.2f} | "
                  f"{', '.join(f'{x:.2f}' for x in r['eval_seconds'])} | <= 0.3 |")
     lines += ["", f"Synthetic input (built once, cached): {r['prepare_seconds']:.1f} s this run."]
+    if "rank_agreement" in r:
+        from dllm2rec.bench.compare import agreement_markdown
+
+        lines += [""] + agreement_markdown(r["rank_agreement"], r["matmul_dtype"])
     if "profile" in r:
         from dllm2rec.bench.step_profile import profile_markdown
 
@@ -133,10 +160,12 @@ def run(args: argparse.Namespace) -> int:
 
     from dllm2rec.atomic import atomic_write_json, atomic_write_text
 
-    if args.compare:
-        from dllm2rec.bench.compare import compare_revisions
+    if args.compare or args.compare_precision:
+        from dllm2rec.bench.compare import compare_precision, compare_revisions
 
-        text, r = compare_revisions(args)
+        if args.compare and args.compare_precision:
+            raise SystemExit("error: use --compare REF or --compare-precision, not both")
+        text, r = compare_revisions(args) if args.compare else compare_precision(args)
         print(text)
         if args.out:
             atomic_write_text(args.out, text)

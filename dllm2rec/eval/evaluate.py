@@ -19,12 +19,17 @@ from dllm2rec.eval import metrics
 from dllm2rec.train.batches import SplitTensors, step_seed
 from dllm2rec.train.distributed import gather_rows, shard_bounds
 
+_PROJECT_ROWS = 256  # teacher-table rows projected at once at evaluation
+
 
 @torch.no_grad()
 def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_size: int,
                 mask_history: bool = False, llm_table: torch.Tensor | None = None,
-                dropout: bool = False, seed: int = 0) -> torch.Tensor:
-    """1-based rank of each row's target among all items -> Long/Float [R] (all rows, every rank)."""
+                dropout: bool = False, seed: int = 0, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """1-based rank of each row's target among all items -> Long/Float [R] (all rows, every rank).
+
+    ``matmul_dtype`` (None = fp32): dtype of the teacher-table projection and the score products
+    (``train.matmul_dtype``, ``dllm2rec.precision``)."""
     was_training = student.training
     student.train(dropout)  # dropout=True reproduces the reference code's evaluation (labelled)
     device = accelerator.device
@@ -34,10 +39,13 @@ def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_s
     if llm_table is not None:
         # ED: project the whole teacher table once ([N, d] -> [N, H]) instead of every batch's
         # histories (a 1024-row batch holds up to 10k distinct ids: 15x the work per evaluation).
+        # In slices of _PROJECT_ROWS rows: no full float32 copy, and each slice's float32 copy
+        # (4 MiB at d = 4096) stays in cache instead of faulting in a fresh 64 MiB buffer per
+        # slice (about 2x faster on CPU; rows are independent, so the values are unchanged).
         from dllm2rec.models import gather_history, project_llm_table
 
-        projected = torch.cat([project_llm_table(student, llm_table[i:i + 4096].to(device))
-                               for i in range(0, llm_table.shape[0], 4096)])  # no full float32 copy
+        projected = torch.cat([project_llm_table(student, llm_table[i:i + _PROJECT_ROWS].to(device), matmul_dtype)
+                               for i in range(0, llm_table.shape[0], _PROJECT_ROWS)])
     parts = []
     for i, s in enumerate(range(start, end, batch_size)):
         e = min(s + batch_size, end)
@@ -47,7 +55,7 @@ def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_s
         kw = {} if projected is None else {"llm_hist_projected": gather_history(projected, hist)}
         h = student.encode(hist, data.lengths[s:e].to(device), **kw)
         parts.append(metrics.rank_of_targets(h, weight, bias, data.target[s:e].to(device), chunk,
-                                             hist if mask_history else None))
+                                             hist if mask_history else None, matmul_dtype))
     local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
     student.train(was_training)
     return gather_rows(accelerator, local, len(data))
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from dllm2rec.config import load_config
     from dllm2rec.train.distributed import is_main, make_accelerator
     from dllm2rec.errors import ManifestError
+    from dllm2rec.precision import resolve
     from dllm2rec.readers import read_safetensors
     from dllm2rec.train.inputs import load_inputs
 
@@ -87,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_split(
         inputs.student, inputs.splits[args.split], accelerator, cfg.eval.ks, chunk=cfg.loss.item_chunk,
         batch_size=cfg.train.eval_batch_size, mask_history=cfg.eval.mask_history,
-        llm_table=inputs.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed)
+        llm_table=inputs.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed,
+        matmul_dtype=resolve(cfg.train.matmul_dtype))
     if is_main(accelerator):
         if args.out:
             atomic_write_json(args.out, {"split": args.split, "weights": str(weights), "metrics": result})

@@ -8,6 +8,10 @@ A degenerate model with all-equal scores would therefore rank every target first
 that can produce constant scores should check, e.g., ``topk_items`` for diversity.
 Optional ``exclude`` (non-default protocol): ids per row (e.g. the history, padding ignored)
 removed from the ranking; the target itself is never removed.
+Optional ``matmul_dtype`` (``train.matmul_dtype``, see ``dllm2rec.precision``): scores from
+reduced-precision products. Opt-in and not exact: the target's score is then rounded the same
+way as every other score, but bf16 rounding creates ties, and ties count in the target's favour,
+so bf16 ranks lean optimistic (``bench train --compare-precision`` measures the agreement).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 import numpy as np
 import torch
 
+from dllm2rec import precision
 from dllm2rec.losses.softmax import item_block, merge_topk
 
 _ROW_BLOCK = 1024  # rows per block; items per block from softmax.item_block (cache-sized)
@@ -31,10 +36,12 @@ def _exclusion_mask(exclude: torch.Tensor | None, c0: int, c1: int):
 
 @torch.no_grad()
 def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
-                    chunk: int = 65536, exclude: torch.Tensor | None = None) -> torch.Tensor:
+                    chunk: int = 65536, exclude: torch.Tensor | None = None,
+                    matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """1-based rank of each row's target among all N items -> Long[B].
 
-    h Float[B, H], weight Float[N, H], bias Float[N], target Long[B], exclude Long[B, E] | None.
+    h Float[B, H], weight Float[N, H], bias Float[N], target Long[B], exclude Long[B, E] | None,
+    matmul_dtype None (fp32, exact) or a reduced dtype (see the module docstring).
     """
     n = weight.shape[0]
     out = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
@@ -43,12 +50,16 @@ def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t
         eb = None if exclude is None else exclude[r0:r0 + _ROW_BLOCK]
         if eb is not None:  # never exclude the target itself
             eb = eb.masked_fill(eb == tb[:, None], -1)
-        ts = (hb * weight[tb]).sum(1) + bias[tb]
+        if matmul_dtype is None:
+            ts = (hb * weight[tb]).sum(1) + bias[tb]
+        else:  # products of dtype values are exact in fp32; round the sum as the matmul rounds its output
+            ts = (hb.to(matmul_dtype).float() * weight[tb].to(matmul_dtype).float()).sum(1)
+            ts = ts.to(matmul_dtype).float() + bias[tb]
         greater = torch.zeros(hb.shape[0], dtype=torch.long, device=h.device)
         step = item_block(hb.shape[0], chunk)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
-            s = torch.addmm(bias[c0:c1], hb, weight[c0:c1].t())
+            s = precision.addmm(bias[c0:c1], hb, weight[c0:c1].t(), matmul_dtype)
             inside = (tb >= c0) & (tb < c1)
             if inside.any():  # the target never counts against itself
                 rows = inside.nonzero().squeeze(1)
@@ -56,7 +67,10 @@ def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t
             m = _exclusion_mask(eb, c0, c1)
             if m is not None and m[0].numel():
                 s[m[0], m[1]] = float("-inf")
-            greater += (s > ts[:, None]).sum(1)
+            # In place, s becomes 1.0 where an item scores strictly higher than the target, else 0.0
+            # (NaN compares false, as with ``>``). A float row sum of at most item_block(...) <= 2**20
+            # ones is exact, and about 5x faster on CPU than ``(s > ts).sum(1)`` over a bool tensor.
+            greater += s.gt_(ts[:, None]).sum(1).long()
         out[r0:r0 + _ROW_BLOCK] = greater + 1
     return out
 

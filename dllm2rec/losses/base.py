@@ -69,7 +69,8 @@ def item_popularity_weights(train_targets: torch.Tensor, n_items: int) -> torch.
 
 
 def dro_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
-             p: torch.Tensor, beta: float = 1.0, chunk: int = 65536, topk: int = 0):
+             p: torch.Tensor, beta: float = 1.0, chunk: int = 65536, topk: int = 0,
+             matmul_dtype: torch.dtype | None = None):
     """DRO term per row (and per target column), SPEC section 4:
 
         log( sum_j exp(p_j y_j^2 / beta) - exp(p_t y_t^2 / beta) + exp(p_t (y_t - 1)^2 / beta) + 1e-24 )
@@ -85,6 +86,9 @@ def dro_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: 
     ``topk`` > 0 returns ``(dro, top_ids)`` with top_ids Long[B, topk] the student's best items
     from the same score pass (feed ``distill.membership(cand, top_ids)`` for RD consistency and
     skip a second catalogue pass).
+
+    ``matmul_dtype`` (None = fp32): dtype of the catalogue score products only (``dllm2rec.precision``);
+    the set members' logits, the transform and the log-space sums stay fp32.
     """
     squeeze = target.dim() == 1
     ids = target[:, None] if squeeze else target
@@ -92,7 +96,8 @@ def dro_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: 
     pt = p[ids]
     a_set = pt * y * y / beta
     b_set = pt * (y - 1.0) * (y - 1.0) / beta
-    lse_rest = catalogue_logsumexp(h, weight, bias, chunk, p=p, beta=beta, exclude=ids, topk=topk)  # [B]
+    lse_rest = catalogue_logsumexp(h, weight, bias, chunk, p=p, beta=beta, exclude=ids, topk=topk,
+                                   matmul_dtype=matmul_dtype)  # [B]
     top = None
     if topk:
         lse_rest, top = lse_rest

@@ -6,12 +6,16 @@ Float[N, H], ``bias`` Float[N]) instead of dense logits, so memory stays O(B x c
 one block of scores alive and recomputes them block by block in backward; with chunk >= N it
 keeps the B x N softmax factors from forward (within the B x chunk budget) and skips the
 recomputation. Work is done in cache-sized blocks either way (see ``BLOCK_ELEMS``).
+``matmul_dtype`` (default None = fp32) runs the catalogue products in reduced precision
+(``dllm2rec.precision``, ``train.matmul_dtype``); every other step of the pass stays fp32.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from dllm2rec import precision
 
 
 def gather_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -34,11 +38,11 @@ def item_block(rows: int, chunk: int) -> int:
     return max(1, min(chunk, max(64, BLOCK_ELEMS // max(rows, 1))))
 
 
-def _block_values(h, weight, bias, p, beta, excl, c0, c1):
+def _block_values(h, weight, bias, p, beta, excl, c0, c1, mm_dtype=None):
     """(y, a) for items c0..c1-1: y = scores, a = transformed scores with excluded ids at -inf.
 
     ``a`` may share storage with ``y`` (when p is None): callers must not need y after masking."""
-    y = torch.addmm(bias[c0:c1], h, weight[c0:c1].t())
+    y = precision.addmm(bias[c0:c1], h, weight[c0:c1].t(), mm_dtype)
     a = y if p is None else y.square().mul_(p[c0:c1] / beta)
     if excl is not None:
         rows, cols = torch.nonzero((excl >= c0) & (excl < c1), as_tuple=True)
@@ -86,7 +90,7 @@ def merge_topk(best_v, best_i, scores, c0: int, k: int):
 
 class _CatalogueLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, p, beta, excl, chunk, topk):
+    def forward(ctx, h, weight, bias, p, beta, excl, chunk, topk, mm_dtype):
         n = weight.shape[0]
         best_v = best_i = None
         step = item_block(h.shape[0], chunk)
@@ -97,7 +101,7 @@ class _CatalogueLSE(torch.autograd.Function):
         lse = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
-            y, a = _block_values(h, weight, bias, p, beta, excl, c0, c1)
+            y, a = _block_values(h, weight, bias, p, beta, excl, c0, c1, mm_dtype)
             if topk:  # top-k of the scores y, from the same matmul
                 best_v, best_i = merge_topk(best_v, best_i, y, c0, topk)
             if keep:
@@ -111,7 +115,7 @@ class _CatalogueLSE(torch.autograd.Function):
             else:
                 lse = torch.logaddexp(lse, torch.logsumexp(a, 1))
         ctx.save_for_backward(h, weight, bias, p, excl, lse)
-        ctx.beta, ctx.step, ctx.kept = beta, step, kept
+        ctx.beta, ctx.step, ctx.kept, ctx.mm_dtype = beta, step, kept, mm_dtype
         if topk:
             ctx.mark_non_differentiable(best_i)
             return lse, best_i
@@ -128,6 +132,7 @@ class _CatalogueLSE(torch.autograd.Function):
         gw = torch.empty_like(weight) if need_w else None
         gb = torch.empty_like(bias) if need_b else None
         kept, ctx.kept = ctx.kept, None
+        dt = ctx.mm_dtype
         for i, c0 in enumerate(range(0, n, ctx.step)):
             c1 = min(n, c0 + ctx.step)
             if kept:
@@ -138,9 +143,12 @@ class _CatalogueLSE(torch.autograd.Function):
                 colf = None if p is None else p[c0:c1] * (2.0 / ctx.beta)
                 if need_h:
                     wc = weight[c0:c1] if colf is None else weight[c0:c1] * colf[:, None]
-                    gh.add_((e @ wc) * rowf[:, None])
+                    gh.add_(precision.mm(e, wc, dt) * rowf[:, None])
                 if need_w:
-                    torch.mm(e.t(), h * rowf[:, None], out=gw[c0:c1])
+                    if dt is None:
+                        torch.mm(e.t(), h * rowf[:, None], out=gw[c0:c1])
+                    else:
+                        gw[c0:c1] = precision.mm(e.t(), h * rowf[:, None], dt)
                     if colf is not None:
                         gw[c0:c1].mul_(colf[:, None])
                 if need_b:
@@ -148,24 +156,31 @@ class _CatalogueLSE(torch.autograd.Function):
                     if colf is not None:
                         gb[c0:c1].mul_(colf)
                 continue
-            y, a = _block_values(h, weight, bias, p, ctx.beta, excl, c0, c1)
+            y, a = _block_values(h, weight, bias, p, ctx.beta, excl, c0, c1, dt)
             if p is not None:
                 y = y.mul(p[c0:c1] * (2.0 / ctx.beta))  # d a / d y (a does not share y's storage here)
             dy = a.sub_(lse[:, None]).exp_().mul_(g[:, None])  # catalogue softmax x upstream grad
             if p is not None:
                 dy.mul_(y)
             if need_h:
-                gh.addmm_(dy, weight[c0:c1])
+                if dt is None:
+                    gh.addmm_(dy, weight[c0:c1])
+                else:
+                    gh.add_(precision.mm(dy, weight[c0:c1], dt))
             if need_w:
-                torch.mm(dy.t(), h, out=gw[c0:c1])
+                if dt is None:
+                    torch.mm(dy.t(), h, out=gw[c0:c1])
+                else:
+                    gw[c0:c1] = precision.mm(dy.t(), h, dt)
             if need_b:
                 torch.sum(dy, 0, out=gb[c0:c1])
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def catalogue_logsumexp(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk: int = 65536,
                         p: torch.Tensor | None = None, beta: float = 1.0,
-                        exclude: torch.Tensor | None = None, topk: int = 0):
+                        exclude: torch.Tensor | None = None, topk: int = 0,
+                        matmul_dtype: torch.dtype | None = None):
     """log sum_j exp(a_j) per row, over all N items, in chunks of ``chunk`` items -> Float[B].
 
     a_j = y_j (scores y = h @ weight.T + bias) or, with ``p`` Float[N], a_j = p_j * y_j**2 / beta
@@ -173,16 +188,19 @@ def catalogue_logsumexp(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     0..N-1 are ignored, so padding may be passed). Differentiable w.r.t. h, weight and bias.
     ``topk`` > 0 also returns Long[B, topk], the ids of the best raw scores y, best first (with
     the DRO transform the excluded ids stay in; without it they are left out), computed from the same score blocks: ``(lse, top_ids)``.
+    ``matmul_dtype``: dtype of the score products (None = fp32; see ``dllm2rec.precision``).
     """
     item_block(1, chunk)  # validates chunk
     if topk < 0 or topk > weight.shape[0]:
         raise ValueError(f"topk must lie in 0..{weight.shape[0]}, got {topk}")
-    return _CatalogueLSE.apply(h, weight, bias, p, float(beta), exclude, int(chunk), int(topk))
+    return _CatalogueLSE.apply(h, weight, bias, p, float(beta), exclude, int(chunk), int(topk), matmul_dtype)
 
 
-def chunked_cross_entropy(h, weight, bias, target, chunk: int = 65536) -> torch.Tensor:
+def chunked_cross_entropy(h, weight, bias, target, chunk: int = 65536,
+                          matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean over rows of full softmax cross-entropy, = F.cross_entropy(h @ W.T + b, target)."""
-    return (catalogue_logsumexp(h, weight, bias, chunk) - gather_logits(h, weight, bias, target)).mean()
+    lse = catalogue_logsumexp(h, weight, bias, chunk, matmul_dtype=matmul_dtype)
+    return (lse - gather_logits(h, weight, bias, target)).mean()
 
 
 def sampled_softmax_loss(h, weight, bias, target, num_sampled: int, item_log_q: torch.Tensor,
@@ -206,7 +224,8 @@ def sampled_softmax_loss(h, weight, bias, target, num_sampled: int, item_log_q: 
     return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
 
 
-def soft_target_ce(h, weight, bias, target, cand, w, mix: float, chunk: int = 65536) -> torch.Tensor:
+def soft_target_ce(h, weight, bias, target, cand, w, mix: float, chunk: int = 65536,
+                   matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Cross-entropy against a teacher-smoothed target distribution (softmax-student RD).
 
     q_b = (1 - mix) * onehot(t_b) + mix * sum_k w~_bk onehot(c_bk), w~ = w / sum_k w (rows
@@ -218,7 +237,7 @@ def soft_target_ce(h, weight, bias, target, cand, w, mix: float, chunk: int = 65
         raise ValueError(f"mix must be in [0, 1], got {mix}")
     w = w.detach()
     w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
-    lse = catalogue_logsumexp(h, weight, bias, chunk)
+    lse = catalogue_logsumexp(h, weight, bias, chunk, matmul_dtype=matmul_dtype)
     y_t = gather_logits(h, weight, bias, target)
     y_c = gather_logits(h, weight, bias, cand)
     return (lse - (1.0 - mix) * y_t - mix * (w * y_c).sum(1)).mean()

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dllm2rec import precision
+
 
 _GATHER_ROWS = 256  # teacher rows gathered at once by _GatherProject (256 x 4096 floats = 4 MiB)
 
@@ -31,16 +33,22 @@ class _GatherProject(torch.autograd.Function):
     """Linear(table[ids]) for a frozen ``table`` without materialising or saving table[ids].
 
     Rows are gathered in cache-sized slices, in forward and again in backward (for the weight
-    gradient), instead of one [U, d] copy (~40 MB for 2.5k ids at d = 4096) kept for backward."""
+    gradient), instead of one [U, d] copy (~40 MB for 2.5k ids at d = 4096) kept for backward.
+    ``mm_dtype`` (``dllm2rec.precision``): None = fp32 products, else both products in that dtype."""
 
     @staticmethod
-    def forward(ctx, table, ids, weight, bias):
+    def forward(ctx, table, ids, weight, bias, mm_dtype=None):
         out = torch.empty(ids.numel(), weight.shape[0], dtype=weight.dtype, device=weight.device)
+        wt = weight.t() if mm_dtype is None else weight.t().to(mm_dtype)  # cast once, not per slice
         for i in range(0, ids.numel(), _GATHER_ROWS):
-            z = table.index_select(0, ids[i:i + _GATHER_ROWS]).to(weight.dtype)
-            torch.addmm(bias, z, weight.t(), out=out[i:i + _GATHER_ROWS])
+            if mm_dtype is None:
+                z = table.index_select(0, ids[i:i + _GATHER_ROWS]).to(weight.dtype)
+                torch.addmm(bias, z, wt, out=out[i:i + _GATHER_ROWS])
+            else:
+                z = table.index_select(0, ids[i:i + _GATHER_ROWS])
+                out[i:i + _GATHER_ROWS] = precision.addmm(bias, z, wt, mm_dtype)
         ctx.save_for_backward(ids)
-        ctx.table = table
+        ctx.table, ctx.mm_dtype = table, mm_dtype
         return out
 
     @staticmethod
@@ -51,11 +59,15 @@ class _GatherProject(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gw = torch.zeros(g.shape[1], table.shape[1], dtype=g.dtype, device=g.device)
             for i in range(0, ids.numel(), _GATHER_ROWS):
-                z = table.index_select(0, ids[i:i + _GATHER_ROWS]).to(g.dtype)
-                gw.addmm_(g[i:i + _GATHER_ROWS].t(), z)
+                if ctx.mm_dtype is None:
+                    z = table.index_select(0, ids[i:i + _GATHER_ROWS]).to(g.dtype)
+                    gw.addmm_(g[i:i + _GATHER_ROWS].t(), z)
+                else:
+                    z = table.index_select(0, ids[i:i + _GATHER_ROWS])
+                    gw.add_(precision.mm(g[i:i + _GATHER_ROWS].t(), z, ctx.mm_dtype))
         if ctx.needs_input_grad[3]:
             gb = g.sum(0)
-        return None, None, gw, gb
+        return None, None, gw, gb, None
 
 
 def gather_history(table: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -88,8 +100,12 @@ class InputEmbedding(nn.Module):
 
     def forward(self, history: torch.Tensor, llm_hist: torch.Tensor | None = None,
                 llm_table: torch.Tensor | None = None,
-                llm_hist_projected: torch.Tensor | None = None) -> torch.Tensor:
-        """history Long[B, L] -> Float[B, L, H] (padding positions hold ID_emb(N) or zeros)."""
+                llm_hist_projected: torch.Tensor | None = None,
+                matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """history Long[B, L] -> Float[B, L, H] (padding positions hold ID_emb(N) or zeros).
+
+        ``matmul_dtype`` (``train.matmul_dtype`` via ``dllm2rec.precision``): dtype of the ED
+        projection's products; None (default) = fp32."""
         out = self.item(history) if self.item is not None else None
         if self.llm_proj is None:
             if llm_hist is not None or llm_table is not None or llm_hist_projected is not None:
@@ -106,28 +122,29 @@ class InputEmbedding(nn.Module):
             if llm_hist.shape[:2] != history.shape or llm_hist.shape[-1] != self.llm_dim:
                 raise ValueError(f"llm_hist has shape {tuple(llm_hist.shape)}, expected "
                                  f"{tuple(history.shape) + (self.llm_dim,)}")
-            proj = self.llm_proj(llm_hist.to(self.llm_proj.weight.dtype))
+            proj = precision.linear(llm_hist, self.llm_proj.weight, self.llm_proj.bias, matmul_dtype)
         else:
             if llm_table.dim() != 2 or llm_table.shape[1] != self.llm_dim:
                 raise ValueError(f"llm_table has shape {tuple(llm_table.shape)}, expected [N, {self.llm_dim}]")
             ids = history.clamp(max=self.n_items - 1)
             uniq, inverse = torch.unique(ids, return_inverse=True)
             if llm_table.requires_grad:  # not the frozen-teacher case: plain autograd
-                proj = self.llm_proj(llm_table[uniq].to(self.llm_proj.weight.dtype))
+                proj = precision.linear(llm_table[uniq], self.llm_proj.weight, self.llm_proj.bias, matmul_dtype)
             else:
-                proj = _GatherProject.apply(llm_table, uniq, self.llm_proj.weight, self.llm_proj.bias)
+                proj = _GatherProject.apply(llm_table, uniq, self.llm_proj.weight, self.llm_proj.bias, matmul_dtype)
             proj = proj[inverse]
         proj = self.ed_weight * (proj * valid.to(proj.dtype))
         return proj if out is None else out + proj
 
 
 @torch.no_grad()
-def project_llm_table(model: nn.Module, table: torch.Tensor) -> torch.Tensor:
+def project_llm_table(model: nn.Module, table: torch.Tensor, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Project the teacher table once: Float[N, d] -> Float[N, H] (without ed_weight).
 
     Serve with ``model.encode(history, lengths, llm_hist_projected=gather_history(proj, history))``.
+    ``matmul_dtype``: as ``InputEmbedding.forward`` (None = fp32).
     """
     emb: InputEmbedding = model.embed
     if emb.llm_proj is None:
         raise ValueError("model was built without ED (llm_dim=None): nothing to project")
-    return emb.llm_proj(table.to(emb.llm_proj.weight.dtype))
+    return precision.linear(table, emb.llm_proj.weight, emb.llm_proj.bias, matmul_dtype)

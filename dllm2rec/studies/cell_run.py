@@ -25,12 +25,13 @@ _VOLATILE = frozenset({("train", "output_dir"), ("train", "progress")})
 
 def changed_keys(run_dir: Path, cfg) -> list[str]:
     """Config keys whose value in ``<run_dir>/config.yaml`` differs from ``cfg`` (a ``RunConfig``)."""
-    from dllm2rec.config import config_diff, config_to_dict
+    from dllm2rec.config import RunConfig, config_diff, config_to_dict
 
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return []
-    return config_diff(read_yaml(saved_file, "run config"), config_to_dict(cfg), _VOLATILE)
+    # A key added after the run was made counts as unchanged while it keeps its default.
+    return config_diff(read_yaml(saved_file, "run config"), config_to_dict(cfg), _VOLATILE, config_to_dict(RunConfig()))
 
 
 def lock_path(run_dir: Path) -> Path:

@@ -34,7 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 from dllm2rec.atomic import atomic_dir, read_manifest, write_manifest
-from dllm2rec.config import config_diff, flat_items
+from dllm2rec.config import RunConfig, config_diff, config_to_dict, flat_items
 from dllm2rec.errors import ConfigError, ManifestError
 from dllm2rec.readers import read_json, read_safetensors, read_text
 
@@ -234,8 +234,9 @@ def check_resume(folder: str | Path, saved: dict, config: dict, inputs: dict, al
     if not isinstance(old, dict):
         raise ManifestError(f"{Path(folder) / 'config.yaml'}: truncated or corrupt, not a YAML mapping ({old})")
     flat_old, flat_new = _flat(old), _flat(config)
+    defaults = config_to_dict(RunConfig())  # keys added since the checkpoint was written keep their default
     refused = [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
-               for k in config_diff(old, config, RESUME_IGNORED) if k not in allow]
+               for k in config_diff(old, config, RESUME_IGNORED, defaults) if k not in allow]
     was = saved.get("inputs") or {}
     refused += [f"inputs.{k}: {was.get(k)!r} -> {inputs.get(k)!r}" for k in sorted(set(was) | set(inputs))
                 if was.get(k) != inputs.get(k)]

@@ -98,7 +98,7 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     if n_steps == 0:  # refused before anything is written to the run folder
         raise ConfigError(f"{cfg.data.path}: {n_rows} training rows give no batch")
     objective = StepObjective(cfg, inputs.dataset.n_items, splits["train"].target, inputs.teacher)
-    encoder = Encoder(student)
+    encoder = Encoder(student, objective.mm_dtype)
     optimizer = make_optimizer(encoder, cfg)
     configure_deepspeed_batch(accelerator, cfg.train.batch_size // world, cfg.train.batch_size)
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
@@ -122,7 +122,8 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
         _write_metrics(out, state["history"])
     writer = _tensorboard(out) if main else None
     eval_kw = dict(chunk=cfg.loss.item_chunk, batch_size=cfg.train.eval_batch_size, mask_history=cfg.eval.mask_history,
-                   llm_table=objective.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed)
+                   llm_table=objective.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed,
+                   matmul_dtype=objective.mm_dtype)
     every = cfg.train.checkpoint_every_steps
 
     def save(position_state):

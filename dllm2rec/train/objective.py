@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
+from dllm2rec import precision
 from dllm2rec.losses import distill
 from dllm2rec.losses import base as losses
 from dllm2rec.losses import softmax
@@ -24,16 +25,21 @@ from dllm2rec.train.batches import Batch
 
 
 class Encoder(nn.Module):
-    """Wraps a student so that ``forward`` returns ``encode(...)`` -> Float[B, H] (not [B, N])."""
+    """Wraps a student so that ``forward`` returns ``encode(...)`` -> Float[B, H] (not [B, N]).
 
-    def __init__(self, student: nn.Module):
+    ``matmul_dtype`` (None = fp32): dtype of the ED projection's products (``train.matmul_dtype``)."""
+
+    def __init__(self, student: nn.Module, matmul_dtype: torch.dtype | None = None):
         super().__init__()
         self.student = student
+        self.matmul_dtype = matmul_dtype
 
     def forward(self, history, lengths, llm_table=None):
         if llm_table is None:
             return self.student.encode(history, lengths)
-        return self.student.encode(history, lengths, llm_table=llm_table)
+        if self.matmul_dtype is None:
+            return self.student.encode(history, lengths, llm_table=llm_table)
+        return self.student.encode(history, lengths, llm_table=llm_table, matmul_dtype=self.matmul_dtype)
 
 
 class StepObjective:
@@ -49,6 +55,7 @@ class StepObjective:
         self.log_q = torch.log((counts + 1) / (counts + 1).sum()).float()
         self.llm_table = teacher.embeddings if (teacher is not None and cfg.distill.ed.enabled) else None
         self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
+        self.mm_dtype = precision.resolve(cfg.train.matmul_dtype)  # None = fp32 (default)
         # Optional ``timer(name)`` context manager: ``bench train --profile`` times the sections
         # "forward: encoder", "forward: DRO catalogue pass" and "forward: RD" with it.
         self.timer = None
@@ -72,7 +79,7 @@ class StepObjective:
             neg_logits = softmax.gather_logits(h, weight, bias, neg)
             terms["bce"] = losses.bce_loss(pos_logits, neg_logits)
         elif obj == "ce" and not self.rd_k:
-            terms["ce"] = softmax.chunked_cross_entropy(h, weight, bias, batch.target, chunk)
+            terms["ce"] = softmax.chunked_cross_entropy(h, weight, bias, batch.target, chunk, self.mm_dtype)
         elif obj == "sampled_softmax":
             terms["sampled_softmax"] = softmax.sampled_softmax_loss(
                 h, weight, bias, batch.target, cfg.loss.num_sampled, self.log_q.to(h.device), generator)
@@ -85,7 +92,7 @@ class StepObjective:
             # With RD on, the same score pass also yields the student's top-k (consistency weight).
             with self._section("forward: DRO catalogue pass"):
                 out = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk,
-                                      topk=self.rd_k)
+                                      topk=self.rd_k, matmul_dtype=self.mm_dtype)
             dro, top = out if self.rd_k else (out, None)
             terms["dro"] = alpha * dro[:, 0].mean()
             dro_cand = dro[:, 1:] if official else None
@@ -109,7 +116,8 @@ class StepObjective:
                 dro_cand = dro_cand * batch.cand_mask[:, None]
         if cfg.loss.objective == "ce":
             # Softmax students: the teacher candidates smooth the one-hot target (see softmax.soft_target_ce).
-            return {"ce": softmax.soft_target_ce(h, weight, bias, batch.target, batch.cand, w, rd.soft_target_mix, chunk)}
+            return {"ce": softmax.soft_target_ce(h, weight, bias, batch.target, batch.cand, w, rd.soft_target_mix, chunk,
+                                                 self.mm_dtype)}
         cand_logits = softmax.gather_logits(h, weight, bias, batch.cand)
         if rd.variant == "paper":
             return {"rd": rd.lam * distill.rd_loss_paper(cand_logits, w)}
