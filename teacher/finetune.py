@@ -42,6 +42,7 @@ import yaml
 from dllm2rec.atomic import atomic_dir, atomic_write_text, read_manifest, write_manifest
 from dllm2rec.config import load_typed
 from dllm2rec.errors import ConfigError, ManifestError, TrainingError
+from teacher.precision import resolve_mixed_precision
 
 SCHEMA = "dllm2rec.teacher_lora/1"
 
@@ -70,7 +71,7 @@ class FinetuneConfig:
     effective_batch_size: int = 128  # examples per optimizer step over all processes
     patience: int = 2  # epochs without a lower validation loss before stopping
     max_grad_norm: float = 1.0  # 0 = no clipping
-    mixed_precision: str = "no"  # no | bf16 (GPU, or CPU autocast)
+    mixed_precision: str = "no"  # no | bf16 (GPU, or CPU autocast) | auto (bf16 where the hardware has it)
     threads: int = 0  # torch threads per process on CPU (0 = leave as is)
     max_seconds: float = 0.0  # > 0: stop training after this much wall time (at a step boundary), then validate + save
     progress: bool = True
@@ -97,8 +98,8 @@ def validate(cfg: FinetuneConfig, source: str = "config") -> FinetuneConfig:
             raise ConfigError(f"{source}: '{name}' must be in [0, 1), got {getattr(cfg, name)!r}")
     if cfg.sample_strategy not in SAMPLE_STRATEGIES:
         raise ConfigError(f"{source}: 'sample_strategy' = {cfg.sample_strategy!r}; choose one of {SAMPLE_STRATEGIES}")
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ConfigError(f"{source}: 'mixed_precision' = {cfg.mixed_precision!r}; choose 'no' or 'bf16'")
+    if cfg.mixed_precision not in ("no", "bf16", "auto"):
+        raise ConfigError(f"{source}: 'mixed_precision' = {cfg.mixed_precision!r}; choose 'no', 'bf16' or 'auto'")
     if not cfg.target_modules or any(not m for m in cfg.target_modules):
         raise ConfigError(f"{source}: 'target_modules' must be a non-empty list of module names")
     if cfg.effective_batch_size % cfg.micro_batch_size:
@@ -233,8 +234,8 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
     # process must not get it, or accelerate looks for a process group that was never made.
     use_gloo = world > 1 and not torch.cuda.is_available()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if use_gloo else []
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision,
-                              kwargs_handlers=handlers)
+    precision = resolve_mixed_precision(cfg.mixed_precision)  # teacher/precision.py: auto -> per host
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=precision, kwargs_handlers=handlers)
     if accelerator.num_processes != world:
         raise TrainingError(
             f"accelerate started {accelerator.num_processes} process(es) but WORLD_SIZE={world}; on CPU "
@@ -375,7 +376,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
             "valid_rows": int(len(valid_rows)), "valid_examples": len(valid_ex),
             "train_rows_sha256": hashlib.sha256(train_rows.tobytes()).hexdigest(),
             "train_targets": train_targets,
-            "world_size": world, "accumulation_steps": accum, "optimizer_steps": opt_steps,
+            "world_size": world, "accumulation_steps": accum, "optimizer_steps": opt_steps, "mixed_precision": precision,
             "trainable_parameters": int(trainable),
             "train_loss": train_losses, "valid_loss": valid_losses, "valid_answer_loss": answer_losses,
             "best_epoch": best_epoch,
