@@ -104,6 +104,11 @@ class TrainConfig:
     # evaluation scores; dllm2rec/precision.py). bfloat16 is opt-in: it changes results beyond the
     # fp32 tolerances, and is slower than fp32 on CPUs without AMX / avx512_bf16 (see BENCHMARKS.md).
     matmul_dtype: str = "float32"
+    # adam | lazy_adam. lazy_adam (dllm2rec/train/lazy_adam.py): the catalogue tables (item id
+    # embedding, output layer) get row-sparse gradients and only the rows a step touched are updated
+    # (TF LazyAdam semantics; a different optimiser, not a faster Adam). For large catalogues, where
+    # dense [N, H] gradients and Adam over all N rows dominate a step; not with DeepSpeed.
+    optimizer: str = "adam"
 
 
 @dataclass
@@ -128,7 +133,8 @@ _CHOICES = {
     ("loss", "objective"): {"bce", "ce", "sampled_softmax"},
     ("distill", "rd", "variant"): {"official", "paper"},
     ("train", "select_on"): {"valid", "test"},
-    ("train", "matmul_dtype"): {"float32", "bfloat16"},  # = dllm2rec.precision.MATMUL_DTYPES (no torch import here)
+    ("train", "matmul_dtype"): {"float32", "bfloat16"},
+    ("train", "optimizer"): {"adam", "lazy_adam"},  # = dllm2rec.precision.MATMUL_DTYPES (no torch import here)
 }
 _POSITIVE = {
     ("model", "hidden"), ("model", "max_len"), ("model", "num_heads"), ("model", "num_blocks"),

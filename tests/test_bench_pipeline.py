@@ -73,3 +73,32 @@ def test_random_teacher_folder_loads_and_grounds_near_targets(small):
     info = random_teacher(small / "ds", small / "teacher_ivf", dim=16, top_n=10, noise=0.3, index="ivf")
     t = load_teacher(small / "teacher_ivf", ds)
     assert info["index"] == "ivf" and (t.topk_ids[:, 0] == ds.splits["train"]["target"]).mean() > 0.7
+
+
+def test_train_config_per_optimizer(tmp_path):
+    from dllm2rec.bench.pipeline import train_config
+    from dllm2rec.config import load_config
+
+    args = argparse.Namespace(num_sampled=32)
+    plain = load_config(train_config(tmp_path, tmp_path / "ds", tmp_path / "t", args))
+    lazy = load_config(train_config(tmp_path, tmp_path / "ds", tmp_path / "t", args, "lazy_adam"))
+    assert plain.train.optimizer == "adam" and plain.train.output_dir == str(tmp_path / "run")
+    assert lazy.train.optimizer == "lazy_adam" and lazy.train.output_dir == str(tmp_path / "run_lazy_adam")
+    assert (tmp_path / "train.yaml").is_file() and (tmp_path / "train_lazy_adam.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_both_optimizers_side_by_side(tmp_path):
+    import json
+
+    from dllm2rec.cli import main
+
+    out = tmp_path / "bench.md"
+    assert main(["bench", "pipeline", "--interactions", "4k", "--items", "300", "--num-sampled", "32",
+                 "--optimizer", "adam,lazy_adam", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    stages = [r["stage"] for r in rows]
+    assert stages == ["generate", "prepare", "teacher", "train [adam]", "train [lazy_adam]",
+                      "evaluate [adam]", "evaluate [lazy_adam]"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert all(r["valid_ndcg20"] is not None for r in rows if r["stage"].startswith("train"))

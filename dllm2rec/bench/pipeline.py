@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emb-dim", type=int, default=64, help="random LLM vector width (ED input)")
     parser.add_argument("--top-n", type=int, default=20, help="teacher candidates per row")
     parser.add_argument("--num-sampled", type=int, default=1024, help="sampled-softmax negatives per batch")
+    parser.add_argument("--optimizer", type=_optimizers, default=["adam"],
+                        help="train.optimizer of the train/evaluate stages; a comma list (adam,lazy_adam) runs "
+                             "them once per optimizer, side by side on the same data")
     parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads per stage")
     parser.add_argument("--stage-timeout", type=float, default=600, help="seconds before a stage is killed")
     parser.add_argument("--max-rss-gb", type=float, default=16.0, help="RSS at which a stage is killed")
@@ -105,7 +108,24 @@ def run_stage(cmd: list[str], log: Path, env: dict, timeout: float, max_rss: flo
     return {"seconds": round(seconds, 2), "peak_rss_gb": round(peak / 2 ** 30, 3), "status": status}
 
 
-def train_config(folder: Path, dataset: Path, teacher: Path, args) -> Path:
+def _optimizers(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ("adam", "lazy_adam")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {bad or text!r}; choose adam, lazy_adam")
+    return names
+
+
+def run_name(optimizer: str) -> str:
+    """The train stage's run folder: ``run`` for Adam (as before), ``run_<optimizer>`` otherwise."""
+    return "run" if optimizer == "adam" else f"run_{optimizer}"
+
+
+def _suffixed(stem: str, optimizer: str, ext: str) -> str:
+    return f"{stem}{ext}" if optimizer == "adam" else f"{stem}_{optimizer}{ext}"
+
+
+def train_config(folder: Path, dataset: Path, teacher: Path, args, optimizer: str = "adam") -> Path:
     """The resolved student config for the train stage (written as YAML, read by ``train --config``)."""
     import yaml
 
@@ -115,14 +135,14 @@ def train_config(folder: Path, dataset: Path, teacher: Path, args) -> Path:
         f"data.path={dataset}", "model.name=sasrec", "loss.objective=sampled_softmax",
         f"loss.num_sampled={args.num_sampled}", f"distill.teacher={teacher}", "distill.ed.enabled=true",
         "distill.rd.enabled=false", "train.epochs=1", "train.patience=0", "train.progress=false",
-        f"train.output_dir={folder / 'run'}",
+        f"train.output_dir={folder / run_name(optimizer)}", f"train.optimizer={optimizer}",
     ])
-    path = folder / "train.yaml"
+    path = folder / _suffixed("train", optimizer, ".yaml")
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 
-def stage_commands(folder: Path, n_inter: int, n_items: int, args) -> dict[str, list[str]]:
+def stage_commands(folder: Path, n_inter: int, n_items: int, args, optimizer: str = "adam") -> dict[str, list[str]]:
     py = [sys.executable, "-m"]
     log, ds, teacher = folder / "log", folder / "dataset", folder / "teacher"
     return {
@@ -131,9 +151,9 @@ def stage_commands(folder: Path, n_inter: int, n_items: int, args) -> dict[str, 
         "prepare": py + ["dllm2rec", "data", "prepare", "--source", "recbole", "--input", str(log), "--out", str(ds)],
         "teacher": py + ["dllm2rec.bench.pipeline_stages", "teacher", "--dataset", str(ds), "--out", str(teacher),
                          "--dim", str(args.emb_dim), "--top-n", str(args.top_n)],
-        "train": py + ["dllm2rec", "train", "--config", str(folder / "train.yaml")],
-        "evaluate": py + ["dllm2rec", "evaluate", "--run", str(folder / "run"), "--split", "test",
-                          "--out", str(folder / "test_metrics.json")],
+        "train": py + ["dllm2rec", "train", "--config", str(folder / _suffixed("train", optimizer, ".yaml"))],
+        "evaluate": py + ["dllm2rec", "evaluate", "--run", str(folder / run_name(optimizer)), "--split", "test",
+                          "--out", str(folder / _suffixed("test_metrics", optimizer, ".json"))],
     }
 
 
@@ -145,35 +165,41 @@ def measure_size(n_inter: int, n_items: int, args, stages: list[str]) -> list[di
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    cmds = stage_commands(folder, n_inter, n_items, args)
+    optimizers = getattr(args, "optimizer", ["adam"])
     rows, failed = [], None
-    for name in stages:
-        row = {"interactions": n_inter, "items": n_items, "stage": name}
+    # train/evaluate run once per optimizer (all trains first, then all evaluations), on the same files
+    plan = [(name, opt) for name in stages for opt in (optimizers if name in ("train", "evaluate") else ["adam"])]
+    for name, opt in plan:
+        label = name if (name not in ("train", "evaluate") or optimizers == ["adam"]) else f"{name} [{opt}]"
+        row = {"interactions": n_inter, "items": n_items, "stage": label}
         if failed:
             rows.append({**row, "status": f"skipped ({failed} did not finish)"})
             continue
         if name == "train":
-            train_config(folder, folder / "dataset", folder / "teacher", args)
-        row.update(run_stage(cmds[name], folder / f"{name}.log", env, args.stage_timeout, args.max_rss_gb * 2 ** 30))
-        row.update(_details(folder, name))
+            train_config(folder, folder / "dataset", folder / "teacher", args, opt)
+        cmd = stage_commands(folder, n_inter, n_items, args, opt)[name]
+        log = folder / (f"{name}.log" if label == name else f"{name}_{opt}.log")
+        row.update(run_stage(cmd, log, env, args.stage_timeout, args.max_rss_gb * 2 ** 30))
+        row.update(_details(folder, name, opt))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if row["status"] != "ok":
-            failed = name
+            failed = label
     if not args.keep and not failed:  # a failed size keeps its folder (stage logs) for inspection
         shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
-def _details(folder: Path, name: str) -> dict:
-    """Numbers the stage wrote itself (rows, epoch / evaluation seconds)."""
+def _details(folder: Path, name: str, optimizer: str = "adam") -> dict:
+    """Numbers the stage wrote itself (rows, epoch / evaluation seconds, valid NDCG@20)."""
     try:
         if name == "prepare":
             m = json.loads((folder / "dataset" / "manifest.json").read_text())
             return {"rows": m["counts"], "users": m.get("stats", {}).get("users"), "n_items": m["n_items"]}
         if name == "train":
-            rec = json.loads((folder / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-            return {"epoch_seconds": rec["train_seconds"], "epoch_eval_seconds": rec["eval_seconds"]}
+            rec = json.loads((folder / run_name(optimizer) / "metrics.jsonl").read_text().splitlines()[-1])
+            return {"epoch_seconds": rec["train_seconds"], "epoch_eval_seconds": rec["eval_seconds"],
+                    "valid_ndcg20": (rec.get("valid") or {}).get("ndcg@20")}
     except (OSError, ValueError, KeyError, IndexError):
         pass
     return {}
@@ -192,6 +218,8 @@ def markdown(rows: list[dict], argv: str) -> str:
                      f"items in the log {r['n_items']:,}")
         if "epoch_seconds" in r:
             notes = f"epoch {r['epoch_seconds']:.1f} s + valid/test evaluation {r['epoch_eval_seconds']:.1f} s"
+            if r.get("valid_ndcg20") is not None:
+                notes += f", valid NDCG@20 {r['valid_ndcg20']:.4f}"
         growth = ""
         before = prev.get((r["items"], r["stage"]))
         if before and r.get("status") == "ok" and before.get("status") == "ok" and before["seconds"] > 0:

@@ -18,11 +18,40 @@ import torch
 from dllm2rec import precision
 
 
-def gather_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Scores of selected items: h Float[B, H], ids Long[B] or Long[B, K] -> Float[B] / Float[B, K]."""
+class _SparseRows(torch.autograd.Function):
+    """``param[ids]`` whose gradient w.r.t. ``param`` is a sparse COO tensor of the gathered rows.
+
+    Plain indexing returns a dense gradient the size of ``param`` (O(N) per step for a catalogue
+    table); this one holds only the ids' rows (duplicates are summed when the optimiser coalesces)."""
+
+    @staticmethod
+    def forward(ctx, param, ids):
+        ctx.shape = param.shape
+        ctx.save_for_backward(ids)
+        return param[ids]
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        flat = ids.reshape(1, -1)
+        values = g.reshape(flat.shape[1], *ctx.shape[1:])
+        return torch.sparse_coo_tensor(flat, values, ctx.shape, check_invariants=False), None
+
+
+def gather_rows(param: torch.Tensor, ids: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """``param[ids]``; with ``sparse`` the gradient w.r.t. ``param`` is row-sparse (``_SparseRows``)."""
+    return _SparseRows.apply(param, ids) if sparse and param.requires_grad else param[ids]
+
+
+def gather_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor,
+                  sparse: bool = False) -> torch.Tensor:
+    """Scores of selected items: h Float[B, H], ids Long[B] or Long[B, K] -> Float[B] / Float[B, K].
+
+    ``sparse``: gradients w.r.t. ``weight`` / ``bias`` are row-sparse (``train.optimizer=lazy_adam``)."""
+    w, b = gather_rows(weight, ids, sparse), gather_rows(bias, ids, sparse)
     if ids.dim() == 1:
-        return (h * weight[ids]).sum(-1) + bias[ids]
-    return torch.einsum("bh,bkh->bk", h, weight[ids]) + bias[ids]
+        return (h * w).sum(-1) + b
+    return torch.einsum("bh,bkh->bk", h, w) + b
 
 
 # Scores are produced in blocks of at most this many elements (4 MiB of float32) so that the
@@ -204,7 +233,7 @@ def chunked_cross_entropy(h, weight, bias, target, chunk: int = 65536,
 
 
 def sampled_softmax_loss(h, weight, bias, target, num_sampled: int, item_log_q: torch.Tensor,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, sparse: bool = False) -> torch.Tensor:
     """Sampled softmax with k = ``num_sampled`` negatives shared by the batch, log-Q corrected.
 
     Negatives s_1..s_k are drawn with replacement from q = exp(item_log_q) (Float[N], normalised
@@ -212,13 +241,14 @@ def sampled_softmax_loss(h, weight, bias, target, num_sampled: int, item_log_q: 
         loss = -y_t + log( exp(y_t) + sum_i [s_i != t] exp(y_{s_i} - log(k q_{s_i})) )
     The sum is an unbiased importance-sampling estimate of sum_{j != t} exp(y_j) (accidental hits
     removed), so the loss tends to full softmax CE as k grows. Returns the mean over rows.
+    ``sparse``: row-sparse gradients w.r.t. ``weight`` / ``bias`` (see ``gather_rows``).
     """
     if num_sampled <= 0:
         raise ValueError(f"num_sampled must be positive, got {num_sampled}")
     q = item_log_q.exp()
     sampled = torch.multinomial(q, num_sampled, replacement=True, generator=generator)  # [k]
-    pos = gather_logits(h, weight, bias, target)  # [B]
-    neg = torch.addmm(bias[sampled], h, weight[sampled].t())  # [B, k]
+    pos = gather_logits(h, weight, bias, target, sparse)  # [B]
+    neg = torch.addmm(gather_rows(bias, sampled, sparse), h, gather_rows(weight, sampled, sparse).t())  # [B, k]
     neg = neg - (math.log(num_sampled) + item_log_q[sampled])
     neg = neg.masked_fill(sampled[None, :] == target[:, None], float("-inf"))
     return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()

@@ -19,14 +19,15 @@ __all__ = ["build_student", "GRU4Rec", "SASRec", "Caser", "InputEmbedding", "gat
 
 
 def build_student(model_cfg, n_items: int, llm_dim: int | None = None, ed_weight: float = 0.2,
-                  learnable_offset: bool = True) -> nn.Module:
+                  learnable_offset: bool = True, sparse_grad: bool = False) -> nn.Module:
     """Build the student named by ``model_cfg.name`` (a ``dllm2rec.config.ModelConfig``).
 
     ``llm_dim`` = teacher embedding width turns ED on; None builds a plain student.
+    ``sparse_grad``: the item id embedding returns row-sparse gradients (``train.optimizer=lazy_adam``).
     """
     if n_items <= 0:
         raise ValueError(f"n_items must be positive, got {n_items}")
-    ed = dict(llm_dim=llm_dim, ed_weight=ed_weight, learnable_offset=learnable_offset)
+    ed = dict(llm_dim=llm_dim, ed_weight=ed_weight, learnable_offset=learnable_offset, sparse_grad=sparse_grad)
     name = model_cfg.name
     if name == "gru4rec":
         return GRU4Rec(n_items, model_cfg.hidden, **ed)

@@ -18,14 +18,15 @@ from dllm2rec.models.embedding import InputEmbedding
 class Caser(nn.Module):
     def __init__(self, n_items: int, hidden: int = 64, max_len: int = 10, heights=(2, 3, 4),
                  filters: int = 16, vertical: int = 1, dropout: float = 0.1,
-                 llm_dim: int | None = None, ed_weight: float = 0.2, learnable_offset: bool = True):
+                 llm_dim: int | None = None, ed_weight: float = 0.2, learnable_offset: bool = True,
+                 sparse_grad: bool = False):
         super().__init__()
         if any(h < 1 or h > max_len for h in heights):
             raise ValueError(f"Caser heights {list(heights)} must lie in 1..max_len={max_len}")
         self.n_items = n_items
         self.hidden = hidden
         self.max_len = max_len
-        self.embed = InputEmbedding(n_items, hidden, llm_dim, ed_weight, learnable_offset)
+        self.embed = InputEmbedding(n_items, hidden, llm_dim, ed_weight, learnable_offset, sparse_grad)
         self.horizontal = nn.ModuleList(nn.Conv2d(1, filters, (h, hidden)) for h in heights)
         for conv in self.horizontal:
             nn.init.xavier_normal_(conv.weight)

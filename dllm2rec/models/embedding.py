@@ -84,7 +84,9 @@ class InputEmbedding(nn.Module):
     """Item id embedding (N+1 rows, padding row N) plus the optional ED projection."""
 
     def __init__(self, n_items: int, hidden: int, llm_dim: int | None = None,
-                 ed_weight: float = 0.2, learnable_offset: bool = True):
+                 ed_weight: float = 0.2, learnable_offset: bool = True, sparse_grad: bool = False):
+        """``sparse_grad``: the id embedding's gradient is a sparse tensor holding only the batch's rows
+        (for ``train.optimizer=lazy_adam``: a dense [N+1, H] gradient per step costs O(N))."""
         super().__init__()
         if llm_dim is None and not learnable_offset:
             raise ValueError("learnable_offset=False needs an LLM table (llm_dim): the input would be empty")
@@ -94,7 +96,7 @@ class InputEmbedding(nn.Module):
         self.ed_weight = float(ed_weight)
         self.item = None
         if learnable_offset:
-            self.item = nn.Embedding(n_items + 1, hidden)
+            self.item = nn.Embedding(n_items + 1, hidden, sparse=sparse_grad)
             nn.init.normal_(self.item.weight, 0.0, 0.01)  # reference init
         self.llm_proj = nn.Linear(llm_dim, hidden) if llm_dim is not None else None
 

@@ -14,12 +14,13 @@ from dllm2rec.models.embedding import InputEmbedding
 
 class GRU4Rec(nn.Module):
     def __init__(self, n_items: int, hidden: int = 64, llm_dim: int | None = None,
-                 ed_weight: float = 0.2, learnable_offset: bool = True, num_layers: int = 1):
+                 ed_weight: float = 0.2, learnable_offset: bool = True, num_layers: int = 1,
+                 sparse_grad: bool = False):
         super().__init__()
         self.n_items = n_items
         self.hidden = hidden
         self.out_dim = hidden
-        self.embed = InputEmbedding(n_items, hidden, llm_dim, ed_weight, learnable_offset)
+        self.embed = InputEmbedding(n_items, hidden, llm_dim, ed_weight, learnable_offset, sparse_grad)
         self.gru = nn.GRU(hidden, hidden, num_layers=num_layers, batch_first=True)
         self.output = nn.Linear(hidden, n_items)
 

@@ -82,13 +82,13 @@ class _Block(nn.Module):
 class SASRec(nn.Module):
     def __init__(self, n_items: int, hidden: int = 64, max_len: int = 10, num_heads: int = 1,
                  num_blocks: int = 1, dropout: float = 0.1, llm_dim: int | None = None,
-                 ed_weight: float = 0.2, learnable_offset: bool = True):
+                 ed_weight: float = 0.2, learnable_offset: bool = True, sparse_grad: bool = False):
         super().__init__()
         self.n_items = n_items
         self.hidden = hidden
         self.out_dim = hidden
         self.max_len = max_len
-        self.embed = InputEmbedding(n_items, hidden, llm_dim, ed_weight, learnable_offset)
+        self.embed = InputEmbedding(n_items, hidden, llm_dim, ed_weight, learnable_offset, sparse_grad)
         self.positions = nn.Embedding(max_len, hidden)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, num_heads, dropout) for _ in range(num_blocks))

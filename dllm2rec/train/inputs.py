@@ -43,6 +43,6 @@ def load_inputs(cfg: RunConfig) -> Inputs:
               for name in ("train", "valid", "test")}
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg.model, dataset.n_items, teacher.emb_dim if (teacher is not None and ed.enabled) else None,
-                            ed.weight, ed.learnable_offset)
+                            ed.weight, ed.learnable_offset, sparse_grad=cfg.train.optimizer == "lazy_adam")
     llm_table = teacher.embeddings if (teacher is not None and ed.enabled) else None
     return Inputs(dataset, teacher, splits, student, llm_table)

@@ -54,12 +54,17 @@ def protocol_label(cfg: RunConfig) -> str:
 
 
 def make_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """Adam; the fused kernel (one pass over all parameters, ~5x faster on CPU) where supported."""
+    """Adam (``train.optimizer=adam``) or ``LazyAdam`` (``lazy_adam``: row-wise updates for the
+    catalogue tables' sparse gradients); the fused kernel for dense parameters where supported
+    (one pass over all parameters, ~5x faster on CPU)."""
+    from dllm2rec.train.lazy_adam import LazyAdam
+
+    kind = LazyAdam if cfg.train.optimizer == "lazy_adam" else torch.optim.Adam
     kw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     try:
-        return torch.optim.Adam(module.parameters(), fused=True, **kw)
+        return kind(module.parameters(), fused=True, **kw)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(module.parameters(), **kw)
+        return kind(module.parameters(), **kw)
 
 
 def fresh_state() -> dict:
@@ -89,6 +94,11 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator()
     world, rank, main = accelerator.num_processes, accelerator.process_index, is_main(accelerator)
+    if cfg.train.optimizer == "lazy_adam" and (world > 1 or is_deepspeed(accelerator)):
+        # DDP and DeepSpeed reduce dense gradient buckets; the catalogue tables' sparse gradients
+        # would be refused by them (or densified, which is the cost lazy_adam exists to avoid).
+        raise ConfigError(f"train.optimizer=lazy_adam runs in one process; this launch has {world} process(es)"
+                          f"{' under DeepSpeed' if is_deepspeed(accelerator) else ''}: use train.optimizer=adam")
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {world} processes")
     inputs = load_inputs(cfg)

@@ -56,6 +56,9 @@ class StepObjective:
         self.llm_table = teacher.embeddings if (teacher is not None and cfg.distill.ed.enabled) else None
         self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
         self.mm_dtype = precision.resolve(cfg.train.matmul_dtype)  # None = fp32 (default)
+        # lazy_adam: gathers of the output layer return row-sparse gradients (the optimiser then
+        # touches only the batch's rows; a full-catalogue term still makes the gradient dense).
+        self.sparse = cfg.train.optimizer == "lazy_adam"
         # Optional ``timer(name)`` context manager: ``bench train --profile`` times the sections
         # "forward: encoder", "forward: DRO catalogue pass" and "forward: RD" with it.
         self.timer = None
@@ -75,14 +78,14 @@ class StepObjective:
         obj = cfg.loss.objective
         if obj == "bce":
             neg = losses.sample_negatives(batch.history, batch.target, self.n_items, generator=generator)
-            pos_logits = softmax.gather_logits(h, weight, bias, batch.target)
-            neg_logits = softmax.gather_logits(h, weight, bias, neg)
+            pos_logits = softmax.gather_logits(h, weight, bias, batch.target, self.sparse)
+            neg_logits = softmax.gather_logits(h, weight, bias, neg, self.sparse)
             terms["bce"] = losses.bce_loss(pos_logits, neg_logits)
         elif obj == "ce" and not self.rd_k:
             terms["ce"] = softmax.chunked_cross_entropy(h, weight, bias, batch.target, chunk, self.mm_dtype)
         elif obj == "sampled_softmax":
             terms["sampled_softmax"] = softmax.sampled_softmax_loss(
-                h, weight, bias, batch.target, cfg.loss.num_sampled, self.log_q.to(h.device), generator)
+                h, weight, bias, batch.target, cfg.loss.num_sampled, self.log_q.to(h.device), generator, self.sparse)
         alpha = cfg.loss.dro_alpha
         dro_cand = top = None
         if alpha > 0:
@@ -118,7 +121,7 @@ class StepObjective:
             # Softmax students: the teacher candidates smooth the one-hot target (see softmax.soft_target_ce).
             return {"ce": softmax.soft_target_ce(h, weight, bias, batch.target, batch.cand, w, rd.soft_target_mix, chunk,
                                                  self.mm_dtype)}
-        cand_logits = softmax.gather_logits(h, weight, bias, batch.cand)
+        cand_logits = softmax.gather_logits(h, weight, bias, batch.cand, self.sparse)
         if rd.variant == "paper":
             return {"rd": rd.lam * distill.rd_loss_paper(cand_logits, w)}
         if neg_logits is None:
