@@ -107,7 +107,8 @@ class TrainConfig:
     # adam | lazy_adam. lazy_adam (dllm2rec/train/lazy_adam.py): the catalogue tables (item id
     # embedding, output layer) get row-sparse gradients and only the rows a step touched are updated
     # (TF LazyAdam semantics; a different optimiser, not a faster Adam). For large catalogues, where
-    # dense [N, H] gradients and Adam over all N rows dominate a step; not with DeepSpeed.
+    # dense [N, H] gradients and Adam over all N rows dominate a step. Several processes: gradients
+    # are averaged by distributed.average_gradients instead of DDP; refused under DeepSpeed.
     optimizer: str = "adam"
 
 

@@ -96,6 +96,33 @@ def test_ddp_two_processes_match_one_process(setup, single):
     _same_run(out, single, rel=1e-5)
 
 
+@pytest.mark.parametrize("extra", [[], ["loss.objective=sampled_softmax", "loss.num_sampled=16", "loss.dro_alpha=0"]])
+def test_lazy_adam_two_processes_match_one_process(setup, extra):
+    """train.optimizer=lazy_adam: no DDP wrapper, gradients averaged by hand (sparse rows stay sparse).
+    CE + DRO (dense output-layer gradient, sparse id embedding) and sampled softmax (both sparse)."""
+    tag = "lazy_sampled" if extra else "lazy_ce"
+    one, two = setup / f"{tag}_1", setup / f"{tag}_2"
+    _run([PY, *_train_args(setup / "det.yaml", one, "train.optimizer=lazy_adam", *extra)], _env(cpu=False))
+    _run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--main_process_port", "29627" if extra else "29628",
+          *_train_args(setup / "det.yaml", two, "train.optimizer=lazy_adam", *extra)], _env())
+    r = _results(two)
+    assert r["world_size"] == 2 and r["params_identical_across_ranks"]
+    if not extra:
+        _same_run(two, one, rel=1e-5)
+    else:  # each rank draws its own shared negatives, so only the trend can match a 1-process run
+        losses = [m["losses"]["loss"] for m in _metrics(two)]
+        assert losses[-1] < losses[0]
+        assert _metrics(two)[-1]["valid"]["ndcg@20"] == pytest.approx(_metrics(one)[-1]["valid"]["ndcg@20"], abs=0.1)
+
+
+def test_lazy_adam_refused_under_deepspeed(setup):
+    env = _env(cpu=False)
+    cmd = [*ACCELERATE, "--config_file", "launch/accelerate_zero2.yaml", "--num_processes", "2", "--main_process_port",
+           "29629", *_train_args(setup / "det.yaml", setup / "lazy_ds", "train.optimizer=lazy_adam")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "lazy_adam does not run under DeepSpeed" in proc.stdout + proc.stderr
+
+
 def test_two_simulated_nodes(setup, single):
     out = setup / "nodes"
     procs = []

@@ -144,3 +144,56 @@ def configure_deepspeed_batch(accelerator, local_batch: int, global_batch: int) 
     ds["train_micro_batch_size_per_gpu"] = local_batch
     ds["train_batch_size"] = global_batch
     ds["gradient_accumulation_steps"] = 1
+
+
+def average_gradients(accelerator, params) -> None:
+    """DDP's gradient averaging done by hand, for runs that are not wrapped in DDP
+    (``train.optimizer=lazy_adam`` with several processes: DDP's buckets are dense).
+
+    Dense gradients are summed in one flat all-reduce. Sparse (row) gradients stay sparse: every
+    rank's (row ids, rows) are all-gathered and summed, so a step costs O(rows touched), not O(N).
+    Both are divided by the world size (DDP's mean). Every rank passes the same parameters in the
+    same order; a rank without a gradient for a parameter contributes zeros, and a parameter whose
+    gradient is sparse on any rank is treated as sparse on all (one small all-reduce decides).
+    """
+    world = accelerator.num_processes
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    params = [p for p in params if p.requires_grad]
+    flags = torch.tensor([1.0 if (p.grad is not None and p.grad.is_sparse) else 0.0 for p in params])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    dense = [p for p, f in zip(params, flags.tolist()) if f == 0.0]
+    sparse = [p for p, f in zip(params, flags.tolist()) if f == 1.0]
+    if dense:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p in dense:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+    for p in sparse:
+        g = p.grad
+        if g is None:
+            g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape)
+        elif not g.is_sparse:
+            g = g.to_sparse(1)  # row-sparse view of a dense gradient (a rank that got one)
+        g = g.coalesce()
+        rows, values = g.indices()[0], g.values()
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([rows.numel()]))
+        width = int(max(s.item() for s in sizes))
+        pad_rows = torch.zeros(width, dtype=torch.long)
+        pad_rows[:rows.numel()] = rows
+        pad_values = torch.zeros(width, *p.shape[1:], dtype=values.dtype)
+        pad_values[:rows.numel()] = values
+        all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
+        all_values = [torch.empty_like(pad_values) for _ in range(world)]
+        dist.all_gather(all_rows, pad_rows)
+        dist.all_gather(all_values, pad_values)
+        keep = [int(s.item()) for s in sizes]
+        ids = torch.cat([r[:k] for r, k in zip(all_rows, keep)])
+        vals = torch.cat([v[:k] for v, k in zip(all_values, keep)]).div_(world)
+        p.grad = torch.sparse_coo_tensor(ids[None, :], vals, p.shape, check_invariants=False).coalesce()

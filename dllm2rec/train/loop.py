@@ -85,8 +85,8 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     from tqdm import tqdm
 
     from dllm2rec.train import checkpoint as ckpt
-    from dllm2rec.train.distributed import (all_finite, barrier, configure_deepspeed_batch, gather_objects,
-                                      is_deepspeed, is_main, make_accelerator, mean_across, shard)
+    from dllm2rec.train.distributed import (all_finite, average_gradients, barrier, configure_deepspeed_batch,
+                                      gather_objects, is_deepspeed, is_main, make_accelerator, mean_across, shard)
     from dllm2rec.eval.evaluate import evaluate_split
     from dllm2rec.train.objective import Encoder, StepObjective
 
@@ -94,11 +94,13 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator()
     world, rank, main = accelerator.num_processes, accelerator.process_index, is_main(accelerator)
-    if cfg.train.optimizer == "lazy_adam" and (world > 1 or is_deepspeed(accelerator)):
-        # DDP and DeepSpeed reduce dense gradient buckets; the catalogue tables' sparse gradients
-        # would be refused by them (or densified, which is the cost lazy_adam exists to avoid).
-        raise ConfigError(f"train.optimizer=lazy_adam runs in one process; this launch has {world} process(es)"
-                          f"{' under DeepSpeed' if is_deepspeed(accelerator) else ''}: use train.optimizer=adam")
+    if cfg.train.optimizer == "lazy_adam" and is_deepspeed(accelerator):
+        # DeepSpeed's ZeRO partitions dense gradients and optimizer states; it has no sparse path.
+        raise ConfigError("train.optimizer=lazy_adam does not run under DeepSpeed; use plain multi-process "
+                          "launches (launch/train_cpu.sh) or train.optimizer=adam")
+    # lazy_adam with several processes: no DDP wrapper (its buckets are dense); gradients are
+    # averaged by distributed.average_gradients after backward, sparse ones as rows.
+    manual_sync = cfg.train.optimizer == "lazy_adam" and world > 1
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {world} processes")
     inputs = load_inputs(cfg)
@@ -111,7 +113,11 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     encoder = Encoder(student, objective.mm_dtype)
     optimizer = make_optimizer(encoder, cfg)
     configure_deepspeed_batch(accelerator, cfg.train.batch_size // world, cfg.train.batch_size)
-    encoder, optimizer = accelerator.prepare(encoder, optimizer)
+    if manual_sync:
+        encoder = encoder.to(accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        encoder, optimizer = accelerator.prepare(encoder, optimizer)
     device = accelerator.device
     objective.llm_table = _device_table(objective.llm_table, device)
     config_text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
@@ -168,6 +174,8 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
                     f"stopped, the last good checkpoint is kept in {last_dir}")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if manual_sync:
+                average_gradients(accelerator, encoder.parameters())
             optimizer.step()
             for k, v in terms.items():
                 state["loss_sums"][k] = state["loss_sums"].get(k, 0.0) + float(v.detach())
