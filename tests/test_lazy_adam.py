@@ -75,6 +75,20 @@ def test_every_row_touched_equals_adam_and_dense_grads_use_adam():
     assert float(lazy.state[a]["step"]) == 4.0
 
 
+def test_closure_with_sparse_gradients():
+    w = torch.nn.Parameter(torch.ones(4, 2))
+    opt = LazyAdam([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = softmax.gather_rows(w, torch.tensor([2]), sparse=True).sum()
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure)) == 2.0
+    assert torch.allclose(w[2], torch.full((2,), 0.9)) and torch.equal(w[0], torch.ones(2))
+
+
 def test_sparse_gathers_give_the_dense_values_and_gradients():
     torch.manual_seed(2)
     n, hd = 30, 6

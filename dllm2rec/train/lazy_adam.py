@@ -34,6 +34,10 @@ class LazyAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # evaluated here, so that Adam's step below never sees a sparse gradient
+            with torch.enable_grad():
+                loss = closure()
         sparse = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -41,7 +45,7 @@ class LazyAdam(torch.optim.Adam):
                     sparse.append((p, group, p.grad))
                     p.grad = None  # hidden from Adam's dense step
         try:
-            loss = super().step(closure)
+            super().step()
             for p, group, g in sparse:
                 self._lazy_step(p, g, group)
         finally:
