@@ -134,8 +134,8 @@ _CHOICES = {
     ("loss", "objective"): {"bce", "ce", "sampled_softmax"},
     ("distill", "rd", "variant"): {"official", "paper"},
     ("train", "select_on"): {"valid", "test"},
-    ("train", "matmul_dtype"): {"float32", "bfloat16"},
-    ("train", "optimizer"): {"adam", "lazy_adam"},  # = dllm2rec.precision.MATMUL_DTYPES (no torch import here)
+    ("train", "matmul_dtype"): {"float32", "bfloat16"},  # = dllm2rec.precision.MATMUL_DTYPES (no torch import here)
+    ("train", "optimizer"): {"adam", "lazy_adam"},
 }
 _POSITIVE = {
     ("model", "hidden"), ("model", "max_len"), ("model", "num_heads"), ("model", "num_blocks"),

@@ -162,7 +162,8 @@ def average_gradients(accelerator, params) -> None:
     import torch.distributed as dist
 
     params = [p for p in params if p.requires_grad]
-    flags = torch.tensor([1.0 if (p.grad is not None and p.grad.is_sparse) else 0.0 for p in params])
+    dev = params[0].device  # collectives need tensors on the backend's device (CPU for gloo)
+    flags = torch.tensor([1.0 if (p.grad is not None and p.grad.is_sparse) else 0.0 for p in params], device=dev)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     dense = [p for p, f in zip(params, flags.tolist()) if f == 0.0]
     sparse = [p for p, f in zip(params, flags.tolist()) if f == 1.0]
@@ -172,22 +173,23 @@ def average_gradients(accelerator, params) -> None:
         flat.div_(world)
         offset = 0
         for p in dense:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset:offset + p.numel()].view_as(p)  # views of the reduced buffer, no copy
             offset += p.numel()
     for p in sparse:
         g = p.grad
         if g is None:
-            g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape)
+            g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=dev),
+                                        torch.zeros(0, *p.shape[1:], dtype=p.dtype, device=dev), p.shape)
         elif not g.is_sparse:
             g = g.to_sparse(1)  # row-sparse view of a dense gradient (a rank that got one)
         g = g.coalesce()
         rows, values = g.indices()[0], g.values()
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([rows.numel()]))
+        sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([rows.numel()], device=dev))
         width = int(max(s.item() for s in sizes))
-        pad_rows = torch.zeros(width, dtype=torch.long)
+        pad_rows = torch.zeros(width, dtype=torch.long, device=dev)
         pad_rows[:rows.numel()] = rows
-        pad_values = torch.zeros(width, *p.shape[1:], dtype=values.dtype)
+        pad_values = torch.zeros(width, *p.shape[1:], dtype=values.dtype, device=dev)
         pad_values[:rows.numel()] = values
         all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
         all_values = [torch.empty_like(pad_values) for _ in range(world)]
