@@ -117,6 +117,13 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
     select_metric: str = "ndcg@20"
     mask_history: bool = False  # non-default: exclude history items from the ranking
+    # Evaluate a fixed sample of N rows instead of the whole split (0 = every row). For splits too
+    # large to rank in full every epoch (10M+ interactions, 1M items): the sample is drawn once by
+    # eval.sample_seed, not train.seed, so every seed and variant is selected on the same rows. The
+    # metrics then estimate the full split's; the run's protocol label and manifest say so.
+    valid_rows: int = 0
+    test_rows: int = 0
+    sample_seed: int = 0
 
 
 @dataclass
@@ -149,6 +156,7 @@ _NON_NEGATIVE = {
     ("distill", "rd", "gamma_position"), ("distill", "rd", "gamma_confidence"),
     ("distill", "rd", "gamma_consistency"), ("train", "weight_decay"), ("train", "patience"),
     ("train", "seed"), ("train", "max_steps_per_epoch"), ("train", "checkpoint_every_steps"), ("model", "caser_vertical"),
+    ("eval", "valid_rows"), ("eval", "test_rows"), ("eval", "sample_seed"),
 }
 _UNIT = {("model", "dropout"), ("distill", "rd", "soft_target_mix"), ("distill", "min_coverage")}
 

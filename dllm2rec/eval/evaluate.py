@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from dllm2rec.precision import resolve
     from dllm2rec.readers import read_safetensors
     from dllm2rec.train.inputs import load_inputs
+    from dllm2rec.eval.protocol import protocol_label
 
     run_dir = Path(args.run)
     cfg = load_config(run_dir / "config.yaml")
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         matmul_dtype=resolve(cfg.train.matmul_dtype))
     if is_main(accelerator):
         if args.out:
-            atomic_write_json(args.out, {"split": args.split, "weights": str(weights), "metrics": result})
+            atomic_write_json(args.out, {"split": args.split, "weights": str(weights), "metrics": result,
+                                         "rows": len(inputs.splits[args.split]), "protocol": protocol_label(cfg)})
         else:
             print(json.dumps(result, indent=2, sort_keys=True))
     return 0

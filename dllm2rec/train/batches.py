@@ -50,6 +50,20 @@ def split_tensors(split: dict, max_len: int, padding_id: int, name: str = "split
     )
 
 
+def sample_rows(split: SplitTensors, n: int, seed: int, name: str) -> SplitTensors:
+    """A fixed sample of ``n`` rows of ``split`` (``eval.valid_rows`` / ``eval.test_rows``), in
+    split order; the whole split when ``n`` is 0 or not smaller than it. A pure function of
+    (seed, name, len(split), n): every run with the same ``eval.sample_seed`` sees the same rows,
+    and the valid and test samples are drawn independently."""
+    if n <= 0 or n >= len(split):
+        return split
+    salt = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
+    rng = np.random.default_rng([int(seed), salt, 0xE7A1])
+    keep = torch.from_numpy(np.sort(rng.choice(len(split), size=n, replace=False)))
+    return SplitTensors(history=split.history[keep], lengths=split.lengths[keep],
+                        target=split.target[keep], row_id=split.row_id[keep])
+
+
 def epoch_order(seed: int, epoch: int, n_rows: int) -> np.ndarray:
     """Shuffled row positions for ``epoch``: a pure function of (seed, epoch)."""
     return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n_rows)

@@ -11,7 +11,7 @@ import torch
 
 from dllm2rec.config import RunConfig
 from dllm2rec.errors import ConfigError
-from dllm2rec.train.batches import SplitTensors, split_tensors
+from dllm2rec.train.batches import SplitTensors, sample_rows, split_tensors
 
 
 @dataclass
@@ -24,7 +24,9 @@ class Inputs:
 
 
 def load_inputs(cfg: RunConfig) -> Inputs:
-    """Dataset, validated teacher knowledge, split tensors and a freshly initialised student."""
+    """Dataset, validated teacher knowledge, split tensors and a freshly initialised student.
+    The valid / test tensors hold the fixed samples of ``eval.valid_rows`` / ``eval.test_rows``
+    rows when those are set (``batches.sample_rows``)."""
     from dllm2rec.data.dataset import load_dataset
     from dllm2rec.data.knowledge import load_teacher
     from dllm2rec.models import build_student
@@ -41,6 +43,8 @@ def load_inputs(cfg: RunConfig) -> Inputs:
                               f"({teacher.source} format); use variant=official")
     splits = {name: split_tensors(dataset.splits[name], cfg.model.max_len, dataset.padding_id, name)
               for name in ("train", "valid", "test")}
+    for name, n in (("valid", cfg.eval.valid_rows), ("test", cfg.eval.test_rows)):
+        splits[name] = sample_rows(splits[name], n, cfg.eval.sample_seed, name)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg.model, dataset.n_items, teacher.emb_dim if (teacher is not None and ed.enabled) else None,
                             ed.weight, ed.learnable_offset, sparse_grad=cfg.train.optimizer == "lazy_adam")

@@ -24,11 +24,10 @@ from dllm2rec.atomic import atomic_write_json, atomic_write_text, restore_interr
 from dllm2rec.train.batches import epoch_order, global_batch, make_batch, step_seed, steps_per_epoch
 from dllm2rec.config import RunConfig, config_to_dict, load_config
 from dllm2rec.errors import ConfigError, TrainingError
+from dllm2rec.eval.protocol import protocol_label
 from dllm2rec.train.inputs import Inputs, load_inputs
 
 RUN_SCHEMA = "dllm2rec.run/1"
-REFERENCE_LABEL = "reference-protocol (selected on test, dropout on at eval)"
-STANDARD_LABEL = "standard (selected on valid, dropout off at eval)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     train(load_config(args.config, args.overrides), resume=args.resume, allow_change=tuple(args.allow_change))
     return 0
-
-
-def protocol_label(cfg: RunConfig) -> str:
-    if cfg.train.select_on == "test" or cfg.train.eval_dropout:
-        return REFERENCE_LABEL if (cfg.train.select_on == "test" and cfg.train.eval_dropout) else (
-            f"non-standard (selected on {cfg.train.select_on}, dropout {'on' if cfg.train.eval_dropout else 'off'} at eval)")
-    return STANDARD_LABEL
 
 
 def make_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -212,6 +204,7 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     results = {
         "protocol": protocol_label(cfg), "select_on": cfg.train.select_on, "select_metric": cfg.eval.select_metric,
         "best_epoch": state["best_epoch"], "valid": state["best_valid"], "test": state["best_test"],
+        "eval_rows": {name: len(splits[name]) for name in ("valid", "test")},
         "epochs_run": state["epoch"], "stopped": state["stopped"] or "max epochs reached",
         "world_size": world, "seconds_this_process": round(time.time() - t_start, 3),
         "param_digest": digests[0], "params_identical_across_ranks": len(set(digests)) == 1,
