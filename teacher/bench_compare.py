@@ -11,6 +11,10 @@ Pairs ("old" = the default before issue 16, "new" = the default after it):
   BIGRec training prompts + one AdamW step per run; LoRA shape from the fine-tune config):
   fp32 vs ``torch.autocast("cpu", bfloat16)``, which is what Accelerate applies for
   ``mixed_precision: bf16``. Check: the training loss of the same batches under both.
+- ``logits``: the same LoRA training step with the HF loss (LM head + float32 log-softmax at every
+  position) vs ``teacher.lm_loss`` (only at positions that predict a trained token: the
+  fine-tune's default ``logits: trained``), in the precision the config resolves to. With
+  ``train_on_inputs: false`` (answer-only) most positions drop out. Check: both losses.
 - ``greedy``: greedy generation rows/s with vLLM (the config's dtype and base weights): vLLM
   called per ``generate.batch_size`` rows on an engine with vLLM's default step size (old) vs
   per ``greedy_batch`` rows, also on an engine limited to ``--step-tokens`` tokens per step
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRS = ("finetune", "greedy", "embed")
+PAIRS = ("finetune", "logits", "greedy", "embed")
 
 
 def alternate(*fns, repeats: int) -> list[float]:
@@ -49,8 +53,8 @@ def alternate(*fns, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def _finetune_pair(ft, rows: int, repeats: int):
-    """(rows, old s, new s, check) for fp32 vs bf16-autocast LoRA training steps."""
+def _lora_setup(ft, rows: int):
+    """(PEFT model in fp32, collated micro-batches of ``rows`` training prompts, AdamW, n examples)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -72,8 +76,23 @@ def _finetune_pair(ft, rows: int, repeats: int):
         AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
         LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=0.0,  # no dropout: comparable losses
                    target_modules=list(ft.target_modules), bias="none", task_type="CAUSAL_LM"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ft.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ft.lr)
+    return model, batches, opt, len(examples)
+
+
+def _train_pass(model, batches, opt, loss_of) -> None:
+    """Forward + backward over every micro-batch, then one optimiser step (one timed run)."""
+    for batch in batches:
+        loss_of(batch).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _finetune_pair(ft, rows: int, repeats: int):
+    """(rows, old s, new s, check) for fp32 vs bf16-autocast LoRA training steps."""
+    import torch
+
+    model, batches, opt, n = _lora_setup(ft, rows)
 
     def loss_of(batch, bf16: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -85,15 +104,42 @@ def _finetune_pair(ft, rows: int, repeats: int):
         losses = [(float(loss_of(b, False)), float(loss_of(b, True))) for b in batches]
         model.train()
     check = "loss fp32 {:.4f} vs bf16 {:.4f}".format(*np.mean(losses, axis=0))
+    old, new = alternate(lambda: _train_pass(model, batches, opt, lambda b: loss_of(b, False)),
+                         lambda: _train_pass(model, batches, opt, lambda b: loss_of(b, True)), repeats=repeats)
+    return n, old, new, check
 
-    def run(bf16: bool):
-        for batch in batches:
-            loss_of(batch, bf16).backward()
-        opt.step()
-        opt.zero_grad()
 
-    old, new = alternate(lambda: run(False), lambda: run(True), repeats=repeats)
-    return len(examples), old, new, check
+def _logits_pair(ft, rows: int, repeats: int):
+    """(rows, old s, new s, check, share) for the HF loss (LM head at every position) vs
+    ``teacher.lm_loss.mean_loss`` (only where a token is trained), both in the precision the
+    config resolves to; share = trained positions / all positions over the micro-batches."""
+    import torch
+
+    from teacher.lm_loss import mean_loss, predicting_positions
+    from teacher.precision import resolve_mixed_precision
+
+    model, batches, opt, n = _lora_setup(ft, rows)
+    bf16 = resolve_mixed_precision(ft.mixed_precision) == "bf16"
+
+    def hf(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+
+    def trained(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return mean_loss(model, batch, "trained")
+
+    with torch.no_grad():
+        model.eval()
+        losses = [(float(hf(b)), float(trained(b))) for b in batches]
+        model.train()
+    check = "loss {:.5f} vs {:.5f}".format(*np.mean(losses, axis=0))
+    kept = sum(len(predicting_positions(b["labels"])) for b in batches)
+    total = sum(b["labels"].shape[1] - 1 for b in batches)
+    old, new = alternate(lambda: _train_pass(model, batches, opt, hf),
+                         lambda: _train_pass(model, batches, opt, trained), repeats=repeats)
+    return n, old, new, check, kept / total, "bf16" if bf16 else "fp32"
 
 
 def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int, step_tokens: int):
@@ -176,6 +222,12 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
     if "finetune" in only:
         n, old, new, check = _finetune_pair(ft, ft_rows, repeats)
         res.append(("LoRA fine-tune (fp32 -> bf16 autocast)", "examples", n, old, new, check))
+        print(res[-1], flush=True)
+    if "logits" in only:
+        n, old, new, check, share, dt = _logits_pair(ft, ft_rows, repeats)
+        what = "answer-only" if not ft.train_on_inputs else "prompt + answer"
+        res.append((f"LoRA fine-tune, {what} loss ({dt}): LM head at every position -> only where a token is "
+                    f"trained ({share:.0%} of positions)", "examples", n, old, new, check))
         print(res[-1], flush=True)
     if "greedy" in only:
         secs, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch, step_tokens)

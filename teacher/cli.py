@@ -247,7 +247,7 @@ def run(argv: list[str] | None = None) -> int:
             from teacher.finetune import load_finetune_config
 
             cfg = _config(args)
-            ft = load_finetune_config(args.finetune_config, [f"dataset={cfg.dataset}"])
+            ft = load_finetune_config(args.finetune_config, [f"dataset={cfg.dataset}", *args.finetune_set])
             run_compare(cfg, ft, args.rows, args.finetune_rows, args.repeats, args.out,
                         [s for s in args.only.split(",") if s], args.greedy_batch, args.embed_batch, args.embed_rows,
                         args.step_tokens)
@@ -264,10 +264,12 @@ def run(argv: list[str] | None = None) -> int:
 def _add_compare_args(b) -> None:
     """``teacher bench --compare`` options (teacher/bench_compare.py)."""
     b.add_argument("--compare", action="store_true",
-                   help="old vs new CPU paths, alternating (teacher/bench_compare.py); --only then picks of finetune,greedy,embed")
+                   help="old vs new CPU paths, alternating (teacher/bench_compare.py); --only then picks of finetune,logits,greedy,embed")
     b.add_argument("--finetune-config", default="launch/configs/teacher_finetune_ml100k.yaml",
                    help="--compare: the fine-tune config whose LoRA and micro-batch are timed")
     b.add_argument("--finetune-rows", type=int, default=8, help="--compare: training prompts per fine-tune run")
+    b.add_argument("--finetune-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="--compare: overrides of the fine-tune config, e.g. train_on_inputs=false micro_batch_size=4")
     b.add_argument("--greedy-batch", type=int, default=16, help="--compare: rows per vLLM call on the new greedy path")
     b.add_argument("--embed-batch", type=int, default=512, help="--compare: titles per vLLM call on the new embedding path")
     b.add_argument("--embed-rows", type=int, default=256, help="--compare: titles embedded per run")

@@ -59,6 +59,9 @@ class FinetuneConfig:
     seed: int = 0
     max_length: int = 256  # tokens per example (prompt + answer + EOS), truncated on the right
     train_on_inputs: bool = True  # False: loss on the answer tokens only
+    # trained: the LM head and log-softmax only at positions that predict a trained token (same loss,
+    # far less work with train_on_inputs: false; teacher/lm_loss.py) | all: at every position (HF default)
+    logits: str = "trained"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -81,7 +84,8 @@ _POSITIVE = ("sample_size", "max_per_target", "valid_size", "max_length", "lora_
              "epochs", "micro_batch_size", "effective_batch_size")
 _NON_NEGATIVE = ("seed", "weight_decay", "patience", "max_grad_norm", "threads", "max_seconds")
 # Fields that do not change the result: a finished run is reused even if they differ.
-_NOT_IDENTITY = ("output_dir", "progress", "threads")
+LOGITS_MODES = ("trained", "all")  # see teacher/lm_loss.py
+_NOT_IDENTITY = ("output_dir", "progress", "threads", "logits")  # logits: the same loss either way
 SAMPLE_STRATEGIES = ("uniform", "balanced")
 
 
@@ -98,6 +102,8 @@ def validate(cfg: FinetuneConfig, source: str = "config") -> FinetuneConfig:
             raise ConfigError(f"{source}: '{name}' must be in [0, 1), got {getattr(cfg, name)!r}")
     if cfg.sample_strategy not in SAMPLE_STRATEGIES:
         raise ConfigError(f"{source}: 'sample_strategy' = {cfg.sample_strategy!r}; choose one of {SAMPLE_STRATEGIES}")
+    if cfg.logits not in LOGITS_MODES:
+        raise ConfigError(f"{source}: 'logits' = {cfg.logits!r}; choose one of {LOGITS_MODES}")
     if cfg.mixed_precision not in ("no", "bf16", "auto"):
         raise ConfigError(f"{source}: 'mixed_precision' = {cfg.mixed_precision!r}; choose 'no', 'bf16' or 'auto'")
     if not cfg.target_modules or any(not m for m in cfg.target_modules):
@@ -167,26 +173,23 @@ def _encode_split(cfg, dataset, tokenizer, split: str, size: int, seed: int, bal
     return examples, rows
 
 
-def loss_sums(model, batch) -> "torch.Tensor":
+def loss_sums(model, batch, logits: str = "trained") -> "torch.Tensor":
     """Per-example [loss sum, label tokens, answer loss sum, answer tokens]: Float[B, 4].
 
     Label tokens are the trained ones (``labels != -100``); answer tokens are those after the
     first ``n_prompt`` positions, i.e. the quoted title + EOS whatever ``train_on_inputs`` is.
     """
     import torch
-    import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
-                          reduction="none")  # [B, T-1]; token t+1 predicted at position t
-    valid = (labels != -100).float()
-    pos = torch.arange(1, labels.shape[1] + 1, device=labels.device)[None, :]
-    answer = valid * (pos >= batch["n_prompt"][:, None]).float()
+    from teacher.lm_loss import token_losses
+
+    tok, nxt, pos = token_losses(model, batch, logits)  # [B, P]; token pos+1 predicted at pos
+    valid = (nxt != -100).float()
+    answer = valid * ((pos + 1)[None, :] >= batch["n_prompt"][:, None]).float()
     return torch.stack([(tok * valid).sum(1), valid.sum(1), (tok * answer).sum(1), answer.sum(1)], 1)
 
 
-def validation_loss(model, loader, accelerator) -> tuple[float, float]:
+def validation_loss(model, loader, accelerator, logits: str = "trained") -> tuple[float, float]:
     """(token-weighted mean loss, answer-only mean loss) over the whole validation sample.
 
     Exact across processes: ``gather_for_metrics`` drops the duplicates padding the last batch.
@@ -197,7 +200,7 @@ def validation_loss(model, loader, accelerator) -> tuple[float, float]:
     total = torch.zeros(4, dtype=torch.float64)
     with torch.no_grad():
         for batch in loader:
-            sums = accelerator.gather_for_metrics(loss_sums(model, batch))
+            sums = accelerator.gather_for_metrics(loss_sums(model, batch, logits))
             total += sums.double().sum(0).cpu()
     model.train()
     return float(total[0] / total[1].clamp_min(1)), float(total[2] / total[3].clamp_min(1))
@@ -220,6 +223,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
 
     from dllm2rec.data.dataset import load_dataset
     from teacher.finetune_data import collate, target_coverage
+    from teacher.lm_loss import mean_loss
     from teacher.model import load_tokenizer, resolve_base_model
 
     out = Path(cfg.output_dir)
@@ -292,7 +296,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
     # wrapper and DeepSpeed's ZeRO optimizer both keep using.
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, lr_factor)
 
-    first = validation_loss(model, valid_loader, accelerator)  # epoch 0 = the un-tuned base
+    first = validation_loss(model, valid_loader, accelerator, cfg.logits)  # epoch 0 = the un-tuned base
     valid_losses, answer_losses = [first[0]], [first[1]]
     train_losses: list[float] = []
     best, best_epoch, bad_epochs, opt_steps, step_time = valid_losses[0], 0, 0, 0, 0.0
@@ -311,8 +315,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
         t0 = time.time()
         for batch in bar:
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss
+                loss = mean_loss(model, batch, cfg.logits)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite training loss {loss.item()} at epoch {epoch}")
                 accelerator.backward(loss)
@@ -334,7 +337,7 @@ def finetune(cfg: FinetuneConfig, force: bool = False) -> Path:
                     break
         step_time += time.time() - t0
         train_losses.append(float(accelerator.reduce(torch.tensor(run_sum / max(1, run_n)), "mean")))
-        vl, al = validation_loss(model, valid_loader, accelerator)
+        vl, al = validation_loss(model, valid_loader, accelerator, cfg.logits)
         valid_losses.append(vl)
         answer_losses.append(al)
         if main:

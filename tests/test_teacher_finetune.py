@@ -252,6 +252,35 @@ def test_answer_only_training_and_cli(tiny_dataset, tiny_base, tmp_path):
                 f"base_model={tiny_base}"]) == 2  # missing dataset: clear error, exit status 2
 
 
+def test_trained_position_logits_train_like_the_hf_loss(tiny_dataset, tiny_base, tmp_path):
+    """``logits: trained`` (the LM head only where a token is trained) and ``logits: all`` (the HF
+    path) run the same answer-only fine-tune: the same losses epoch by epoch."""
+    from dllm2rec.atomic import read_manifest
+    from teacher.finetune import SCHEMA, finetune
+
+    runs = {}
+    for mode in ("trained", "all"):
+        out = tmp_path / mode
+        finetune(_cfg(tiny_dataset, tiny_base, out, epochs=2, train_on_inputs=False, logits=mode))
+        runs[mode] = read_manifest(out, SCHEMA)
+    for key in ("valid_loss", "valid_answer_loss", "train_loss"):
+        assert runs["trained"][key] == pytest.approx(runs["all"][key], rel=1e-4), key
+    assert runs["trained"]["valid_loss"][-1] < runs["trained"]["valid_loss"][0]
+
+
+def test_bench_compare_logits_pair_times_both_paths(tiny_dataset, tiny_base, tmp_path):
+    """`teacher bench --compare --only logits`: both paths run on the same batches, the answer-only
+    share of positions is below 1 and the two losses agree."""
+    from teacher.bench_compare import _logits_pair
+
+    ft = _cfg(tiny_dataset, tiny_base, tmp_path / "x", train_on_inputs=False)
+    n, old, new, check, share, dtype = _logits_pair(ft, 8, 1)
+    assert 0 < n <= 8 and old > 0 and new > 0 and dtype in ("fp32", "bf16")  # rows whose answer max_length cuts are dropped
+    assert 0 < share < 0.8
+    a, b = (float(x) for x in check.removeprefix("loss ").split(" vs "))
+    assert a == pytest.approx(b, rel=1e-4)
+
+
 def test_bf16_autocast_on_cpu_is_applied_and_trains_like_fp32(tiny_dataset, tiny_base, tmp_path):
     """``mixed_precision: bf16`` (the CPU fine-tune default, issue 16) really runs under bf16
     autocast on CPU (the base model's loss moves by bf16 rounding, not more) and still learns."""
