@@ -12,9 +12,10 @@ Pairs ("old" = the default before issue 16, "new" = the default after it):
   fp32 vs ``torch.autocast("cpu", bfloat16)``, which is what Accelerate applies for
   ``mixed_precision: bf16``. Check: the training loss of the same batches under both.
 - ``logits``: the same LoRA training step with the HF loss (LM head + float32 log-softmax at every
-  position) vs ``teacher.lm_loss`` (only at positions that predict a trained token: the
-  fine-tune's default ``logits: trained``), in the precision the config resolves to. With
-  ``train_on_inputs: false`` (answer-only) most positions drop out. Check: both losses.
+  position) in float32 (the default before issue 16) and in the precision the config resolves to
+  vs ``teacher.lm_loss`` (only at positions that predict a trained token: the fine-tune's default
+  ``logits: trained``) in that precision. With ``train_on_inputs: false`` (answer-only, the demo's
+  setting) most positions drop out. Check: the losses of all paths.
 - ``greedy``: greedy generation rows/s with vLLM (the config's dtype and base weights): vLLM
   called per ``generate.batch_size`` rows on an engine with vLLM's default step size (old) vs
   per ``greedy_batch`` rows, also on an engine limited to ``--step-tokens`` tokens per step
@@ -110,9 +111,11 @@ def _finetune_pair(ft, rows: int, repeats: int):
 
 
 def _logits_pair(ft, rows: int, repeats: int):
-    """(rows, old s, new s, check, share) for the HF loss (LM head at every position) vs
-    ``teacher.lm_loss.mean_loss`` (only where a token is trained), both in the precision the
-    config resolves to; share = trained positions / all positions over the micro-batches."""
+    """Timed LoRA training passes (same batches, alternating) for the HF loss (LM head at every
+    position) in float32 (the pre-issue-16 default), the HF loss in the precision the config
+    resolves to (skipped when that is float32 too), and ``teacher.lm_loss.mean_loss`` (LM head only
+    where a token is trained) in that precision. Returns (rows, {label: seconds}, check, share,
+    dtype); share = trained positions / all positions over the micro-batches."""
     import torch
 
     from teacher.lm_loss import mean_loss, predicting_positions
@@ -120,26 +123,30 @@ def _logits_pair(ft, rows: int, repeats: int):
 
     model, batches, opt, n = _lora_setup(ft, rows)
     bf16 = resolve_mixed_precision(ft.mixed_precision) == "bf16"
+    dt = "bf16" if bf16 else "fp32"
 
-    def hf(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
+    def loss_fn(half: bool, trained: bool):
+        def f(batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+                if trained:
+                    return mean_loss(model, batch, "trained")
+                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
+        return f
 
-    def trained(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return mean_loss(model, batch, "trained")
-
+    paths = {"fp32, every position": loss_fn(False, False)}
+    if bf16:
+        paths[f"{dt}, every position"] = loss_fn(True, False)
+    paths[f"{dt}, trained positions"] = loss_fn(bf16, True)
     with torch.no_grad():
         model.eval()
-        losses = [(float(hf(b)), float(trained(b))) for b in batches]
+        losses = {k: np.mean([float(f(b)) for b in batches]) for k, f in paths.items()}
         model.train()
-    check = "loss {:.5f} vs {:.5f}".format(*np.mean(losses, axis=0))
+    check = "loss " + " / ".join(f"{v:.5f}" for v in losses.values())
     kept = sum(len(predicting_positions(b["labels"])) for b in batches)
     total = sum(b["labels"].shape[1] - 1 for b in batches)
-    old, new = alternate(lambda: _train_pass(model, batches, opt, hf),
-                         lambda: _train_pass(model, batches, opt, trained), repeats=repeats)
-    return n, old, new, check, kept / total, "bf16" if bf16 else "fp32"
+    secs = alternate(*[lambda f=f: _train_pass(model, batches, opt, f) for f in paths.values()], repeats=repeats)
+    return n, dict(zip(paths, secs)), check, kept / total, dt
 
 
 def _greedy_pair(cfg, path, prompts, repeats: int, new_batch: int, step_tokens: int):
@@ -224,10 +231,13 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
         res.append(("LoRA fine-tune (fp32 -> bf16 autocast)", "examples", n, old, new, check))
         print(res[-1], flush=True)
     if "logits" in only:
-        n, old, new, check, share, dt = _logits_pair(ft, ft_rows, repeats)
+        n, secs, check, share, dt = _logits_pair(ft, ft_rows, repeats)
         what = "answer-only" if not ft.train_on_inputs else "prompt + answer"
-        res.append((f"LoRA fine-tune, {what} loss ({dt}): LM head at every position -> only where a token is "
-                    f"trained ({share:.0%} of positions)", "examples", n, old, new, check))
+        labels = list(secs)
+        new = labels[-1]
+        for old in labels[:-1]:
+            res.append((f"LoRA fine-tune, {what} loss: {old} -> {new} ({share:.0%} of positions trained)",
+                        "examples", n, secs[old], secs[new], check))
         print(res[-1], flush=True)
     if "greedy" in only:
         secs, cached, check = _greedy_pair(cfg, path, prompts, repeats, greedy_batch, step_tokens)
