@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,24 @@ def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false (any case) are booleans. PyYAML's YAML 1.1
+    also reads yes/no/on/off as booleans, which turned ``mixed_precision=no`` (a documented value
+    of a string key) into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (no object construction), booleans only from true/false."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'train.lr=1e-3'`` -> (['train', 'lr'], 0.001). Values are YAML scalars."""
     if "=" not in text:
@@ -256,7 +275,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml_load(raw) if raw.strip() else ""
     # YAML reads '1e-3' as a string; accept scientific notation as a float.
     if isinstance(value, str):
         try:
@@ -284,7 +303,7 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
     if not p.is_file():
         raise ConfigError(f"{p}: {what} file not found")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        return yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     except UnicodeDecodeError as exc:  # e.g. a file cut inside a multi-byte character

@@ -42,6 +42,7 @@ import yaml
 from dllm2rec.atomic import atomic_dir, atomic_write_text, read_manifest, write_manifest
 from dllm2rec.config import load_typed
 from dllm2rec.errors import ConfigError, ManifestError, TrainingError
+from teacher.lm_loss import LOGITS_MODES
 from teacher.precision import resolve_mixed_precision
 
 SCHEMA = "dllm2rec.teacher_lora/1"
@@ -84,7 +85,6 @@ _POSITIVE = ("sample_size", "max_per_target", "valid_size", "max_length", "lora_
              "epochs", "micro_batch_size", "effective_batch_size")
 _NON_NEGATIVE = ("seed", "weight_decay", "patience", "max_grad_norm", "threads", "max_seconds")
 # Fields that do not change the result: a finished run is reused even if they differ.
-LOGITS_MODES = ("trained", "all")  # see teacher/lm_loss.py
 _NOT_IDENTITY = ("output_dir", "progress", "threads", "logits")  # logits: the same loss either way
 SAMPLE_STRATEGIES = ("uniform", "balanced")
 

@@ -16,24 +16,26 @@ do the same work.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+# torch is imported inside the functions: teacher.finetune reads LOGITS_MODES at import time, and
+# its config parsing must stay light.
+LOGITS_MODES = ("trained", "all")
+IGNORE_INDEX = -100  # = teacher.finetune_data.IGNORE_INDEX (the label of untrained tokens)
 
-from teacher.finetune import LOGITS_MODES
-from teacher.finetune_data import IGNORE_INDEX
 
-
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+def predicting_positions(labels: "torch.Tensor") -> "torch.Tensor":
     """Long[P], sorted: the positions t (0 <= t < T-1) at which some row of ``labels`` Long[B, T]
     trains its next token (``labels[b, t+1] != -100``)."""
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
-def token_losses(model, batch: dict, logits: str = "trained") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: dict, logits: str = "trained") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     """(loss Float[B, P], next-token labels Long[B, P], positions Long[P]) of a collated batch.
 
     ``loss[b, j]`` is the cross-entropy of the token at ``positions[j] + 1`` of row b, 0 where that
     token is not trained. ``logits="all"`` takes every position 0..T-2 (P = T-1)."""
+    import torch
+    import torch.nn.functional as F
+
     labels = batch["labels"]
     if logits == "all":
         pos = torch.arange(labels.shape[1] - 1, device=labels.device)
@@ -48,7 +50,7 @@ def token_losses(model, batch: dict, logits: str = "trained") -> tuple[torch.Ten
     return tok, nxt, pos
 
 
-def mean_loss(model, batch: dict, logits: str = "trained") -> torch.Tensor:
+def mean_loss(model, batch: dict, logits: str = "trained") -> "torch.Tensor":
     """Scalar: mean cross-entropy over the batch's trained tokens (what the optimiser minimises)."""
     tok, nxt, _ = token_losses(model, batch, logits)
     return tok.sum() / (nxt != IGNORE_INDEX).sum().clamp_min(1)

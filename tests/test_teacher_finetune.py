@@ -103,6 +103,20 @@ def test_config_rejects_bad_values(override, key):
         load_finetune_config(None, [override])
 
 
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    """`mixed_precision=no` (a documented value) is the string 'no', on the command line and in a
+    file; only true/false are booleans (PyYAML's default would read no/yes/on/off as booleans)."""
+    from teacher.finetune import load_finetune_config
+
+    assert load_finetune_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    f = tmp_path / "ft.yaml"
+    f.write_text("mixed_precision: no\ntrain_on_inputs: false\nprogress: True\n")
+    cfg = load_finetune_config(f)
+    assert (cfg.mixed_precision, cfg.train_on_inputs, cfg.progress) == ("no", False, True)
+    with pytest.raises(ConfigError, match="progress"):
+        load_finetune_config(None, ["progress=yes"])  # not a boolean any more: a clear error
+
+
 def test_config_file_and_accumulation(tmp_path):
     from teacher.finetune import accumulation_steps, load_finetune_config
 

@@ -11,6 +11,12 @@ from teacher.finetune_data import IGNORE_INDEX as IGN  # noqa: E402
 from teacher.lm_loss import mean_loss, predicting_positions, token_losses  # noqa: E402
 
 
+def test_ignore_index_matches_the_collation():
+    from teacher import finetune_data, lm_loss
+
+    assert lm_loss.IGNORE_INDEX == finetune_data.IGNORE_INDEX
+
+
 def test_predicting_positions_is_the_union_shifted_by_one():
     labels = torch.tensor([[IGN, IGN, 5, 6, IGN, IGN],
                            [IGN, IGN, IGN, IGN, 7, IGN]])

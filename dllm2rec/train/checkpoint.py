@@ -34,7 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 from dllm2rec.atomic import atomic_dir, read_manifest, write_manifest
-from dllm2rec.config import RunConfig, config_diff, config_to_dict, flat_items
+from dllm2rec.config import RunConfig, config_diff, config_to_dict, flat_items, yaml_load
 from dllm2rec.errors import ConfigError, ManifestError
 from dllm2rec.readers import read_json, read_safetensors, read_text
 
@@ -228,7 +228,7 @@ def check_resume(folder: str | Path, saved: dict, config: dict, inputs: dict, al
     that may differ. ``ConfigError`` lists every refused key with its saved and new value."""
     check_allowed(allow)
     try:
-        old = yaml.safe_load(saved["config_text"]) or {}
+        old = yaml_load(saved["config_text"]) or {}
     except yaml.YAMLError as exc:
         old = exc
     if not isinstance(old, dict):
