@@ -146,3 +146,38 @@ def test_bf16_step_objective_close_to_fp32(tmp_path):
         # Observed: relative differences ~5e-6 (one batch of a fresh model); 1e-3 leaves a wide margin.
         assert math.isfinite(terms["bfloat16"][k])
         assert terms["bfloat16"][k] == pytest.approx(v, rel=1e-3), k
+
+
+@pytest.mark.parametrize("src", [torch.float16, torch.float32])
+def test_bf16_ed_from_a_precast_table_is_bit_identical(src):
+    # The trainer casts the teacher table to the product dtype once (StepObjective); the ED output
+    # and the projection's gradients must equal those of casting each gathered slice.
+    torch.manual_seed(0)
+    emb = InputEmbedding(600, 8, llm_dim=64, ed_weight=1.0)
+    table = torch.randn(600, 64).to(src)
+    hist = torch.randint(0, 601, (70, 9))  # > 256 distinct ids: several gathered slices; 600 = padding
+    outs = []
+    for t in (table, table.to(BF16)):
+        emb.zero_grad()
+        out = emb(hist, llm_table=t, matmul_dtype=BF16)
+        out.square().sum().backward()
+        outs.append((out.detach(), emb.llm_proj.weight.grad.clone(), emb.llm_proj.bias.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_step_objective_casts_the_ed_table_only_for_reduced_products(tmp_path):
+    from dllm2rec.bench.synthetic import synthetic_dataset, synthetic_teacher
+    from dllm2rec.bench.train import bench_config
+    from dllm2rec.data.dataset import load_dataset
+    from dllm2rec.train.inputs import load_inputs
+    from dllm2rec.train.objective import StepObjective
+
+    ds = synthetic_dataset(tmp_path / "ds", n_items=50, n_train=40, n_valid=4, n_test=4)
+    teacher = synthetic_teacher(tmp_path / "t", load_dataset(ds), top_n=12, emb_dim=16, emb_dtype="float16")
+    for name, want in (("float32", torch.float16), ("bfloat16", BF16)):
+        cfg = bench_config(ds, teacher, tmp_path / name, 1, name)
+        inputs = load_inputs(cfg)
+        obj = StepObjective(cfg, inputs.dataset.n_items, inputs.splits["train"].target, inputs.teacher)
+        assert obj.llm_table.dtype == want
+        torch.testing.assert_close(obj.llm_table.float(), inputs.teacher.embeddings.to(want).float(), rtol=0, atol=0)

@@ -60,6 +60,12 @@ def measure_tree(tree: Path, args, out: Path, extra: tuple[str, ...] = (), threa
     return json.loads(out.with_suffix(".json").read_text())
 
 
+def _dtype_args(args) -> tuple[str, ...]:
+    """``--matmul-dtype`` passed on to both trees (float32, the default, passes nothing: old trees may predate it)."""
+    dtype = getattr(args, "matmul_dtype", "float32")
+    return () if dtype == "float32" else ("--matmul-dtype", dtype)
+
+
 def compare_revisions(args) -> tuple[str, dict]:
     root = repo_root()
     runs: dict[str, dict[str, list[float]]] = {"old": {"epoch": [], "eval": []}, "new": {"epoch": [], "eval": []}}
@@ -70,7 +76,7 @@ def compare_revisions(args) -> tuple[str, dict]:
         for i in range(args.repeats):
             for tag in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 loads.append(round(os.getloadavg()[0], 2))
-                r = measure_tree(trees[tag], args, Path(tmp) / f"{tag}{i}.md")
+                r = measure_tree(trees[tag], args, Path(tmp) / f"{tag}{i}.md", _dtype_args(args))
                 runs[tag]["epoch"].append(r["epoch_median"])
                 runs[tag]["eval"].append(r["eval_median"])
     med = {tag: {k: statistics.median(v) for k, v in d.items()} for tag, d in runs.items()}
@@ -80,7 +86,8 @@ def compare_revisions(args) -> tuple[str, dict]:
     lines = [f"## bench train --compare {args.compare}", "",
              f"Command: `python -m dllm2rec {' '.join(sys.argv[1:])}`  ",
              f"old = {args.compare} ({commit[:12]}), new = this working tree; {args.repeats} alternating pairs, "
-             f"threads {args.threads or 'default'}; 1-minute load average before each run: "
+             f"threads {args.threads or 'default'}, train.matmul_dtype {getattr(args, 'matmul_dtype', 'float32')}; "
+             f"1-minute load average before each run: "
              f"{', '.join(str(x) for x in loads)}", "",
              "| measurement | old median (s) | new median (s) | old / new | old runs (s) | new runs (s) |",
              "|---|---|---|---|---|---|"]

@@ -168,16 +168,17 @@ class _CatalogueLSE(torch.autograd.Function):
                 # dy = rowf[:, None] * e * colf[None, :]; both factors are applied on the small
                 # [B, H] / [C, H] side of the matmuls, so no extra pass over the B x C block.
                 e, m = kept[i]
+                e_mm = e if dt is None else e.to(dt)  # one cast for both products below (same values)
                 rowf = g * torch.exp(m - lse)
                 colf = None if p is None else p[c0:c1] * (2.0 / ctx.beta)
                 if need_h:
                     wc = weight[c0:c1] if colf is None else weight[c0:c1] * colf[:, None]
-                    gh.add_(precision.mm(e, wc, dt) * rowf[:, None])
+                    gh.add_(precision.mm(e_mm, wc, dt) * rowf[:, None])
                 if need_w:
                     if dt is None:
                         torch.mm(e.t(), h * rowf[:, None], out=gw[c0:c1])
                     else:
-                        gw[c0:c1] = precision.mm(e.t(), h * rowf[:, None], dt)
+                        gw[c0:c1] = precision.mm(e_mm.t(), h * rowf[:, None], dt)
                     if colf is not None:
                         gw[c0:c1].mul_(colf[:, None])
                 if need_b:

@@ -53,9 +53,15 @@ class StepObjective:
         self.dro_p = losses.item_popularity_weights(train_targets, n_items) if cfg.loss.dro_alpha > 0 else None
         # log q for sampled softmax: smoothed popularity, normalised.
         self.log_q = torch.log((counts + 1) / (counts + 1).sum()).float()
-        self.llm_table = teacher.embeddings if (teacher is not None and cfg.distill.ed.enabled) else None
-        self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
         self.mm_dtype = precision.resolve(cfg.train.matmul_dtype)  # None = fp32 (default)
+        self.llm_table = teacher.embeddings if (teacher is not None and cfg.distill.ed.enabled) else None
+        if self.llm_table is not None and self.mm_dtype is not None:
+            # With reduced-precision products the table is only ever read through a cast to mm_dtype
+            # (ED forward, its weight gradient, the evaluation projection): cast it once here rather
+            # than every gathered slice of every step. Same values; bench train: ~2.7x faster ED
+            # gather+product for a float16 table, half the memory for a float32 one.
+            self.llm_table = self.llm_table.to(self.mm_dtype)
+        self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
         # lazy_adam: gathers of the output layer return row-sparse gradients (the optimiser then
         # touches only the batch's rows; a full-catalogue term still makes the gradient dense).
         self.sparse = cfg.train.optimizer == "lazy_adam"
