@@ -3,6 +3,7 @@ validation, even with a deliberately harmful teacher; Optuna storage resumes wit
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,39 @@ def test_tune_never_worse_than_zero_on_validation_and_resumes(tmp_path, capsys):
     assert again["chosen"] == res["chosen"] and len(again["trials"]) == 3
     assert [p.stat().st_mtime_ns for p in runs] == mtimes
     assert "chosen on validation" in capsys.readouterr().out
+
+
+def test_confirm_seeds_report_both_points_over_every_seed(tmp_path, capsys):
+    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=96, n_valid=24, n_test=24))
+    teacher = _harmful_teacher(tmp_path, ds)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "conf", "base": None, "dataset": str(ds.path), "teacher": str(teacher), "out": str(tmp_path / "out"),
+        "seeds": [0, 1], "students": ["gru4rec"], "variants": ["none", "dllm2rec"],
+        "overrides": ["train.epochs=1", "train.batch_size=48", "train.patience=0", "model.hidden=8",
+                      "distill.rd.k=10", "eval.ks=[20]"]}))
+    base = ["tune", "--study", str(study_file), "--seeds", "0", "--trials", "2", "--threads-per-job", "1"]
+    assert main(base + ["--confirm-seeds", "7"]) != 0  # refused by name before anything is trained
+    assert "--confirm-seeds [7] are not seeds of" in capsys.readouterr().err
+    assert not (tmp_path / "out/tune").exists()
+    assert main(base + ["--confirm-seeds", "1"]) == 0
+    res = json.loads((tmp_path / "out/tune/tune.json").read_text())["students"]["gru4rec"]
+    conf = res["confirm"]
+    assert conf["seeds"] == [0, 1] and conf["confirm_seeds"] == [1]
+    # seed 0 of the confirmation is the tuning run itself; seed 1 was trained for the check
+    assert conf["chosen"]["valid_values"][0] == res["chosen"]["valid"]
+    assert conf["zero"]["valid_values"][0] == res["zero"]["valid"]
+    for name in ("chosen", "zero"):
+        for seed, run in zip(conf["seeds"], conf[name]["runs"]):
+            assert run.endswith(f"seed{seed}")
+            got = json.loads((Path(run) / "results.json").read_text())
+            assert got["test"]["ndcg@20"] == conf[name]["test_values"][seed]
+    c, z = conf["chosen"]["test_values"], conf["zero"]["test_values"]
+    assert conf["gain_test"] == pytest.approx(sum(c) / sum(z) - 1)
+    gains = [a / b - 1 for a, b in zip(c, z)]
+    assert conf["gain_test_std"] == pytest.approx(abs(gains[0] - gains[1]) / 2 ** 0.5)
+    assert "Confirmation" in capsys.readouterr().out
+    # a rerun without --confirm-seeds trains nothing and keeps the confirmation of the same choice
+    assert main(base) == 0
+    again = json.loads((tmp_path / "out/tune/tune.json").read_text())["students"]["gru4rec"]
+    assert again["confirm"] == conf

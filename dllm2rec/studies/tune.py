@@ -23,6 +23,11 @@ a trial's runs live in ``<out>/tune/<student>/<params>/seed<k>/`` and are cached
 parameters (a repeated point, or a rerun after a crash, reuses finished runs). ``--trials N``
 runs trials until the student's study has N finished ones. Outputs ``<out>/tune/tune.json`` and
 ``tune.md`` (per student: the zero point and the chosen point, valid and test, every trial).
+
+``--confirm-seeds 1 2``: after the choice, train the chosen point and the zero point on these
+further seeds too (reusing finished runs the same way) and report both over all seeds (the tuning
+seeds and the confirmation seeds) with the per-seed paired test gain of the chosen point over zero.
+The confirmation seeds never influence the choice, so their numbers are an unselected check.
 """
 from __future__ import annotations
 
@@ -121,12 +126,8 @@ def tune_student(study, student: str, variant: str, seeds: list[int], trials: in
 
     def objective(trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in sp.items()}
-        todo = reuse_study_runs(study, trial_cells(study, student, variant, seeds, params, extra), extra)
-        failures, skipped = run_cells(study, [c for c in todo if not (c.run_dir / "results.json").is_file()],
-                                      jobs, threads, 0)
-        missing = [c.label for c in todo if not (c.run_dir / "results.json").is_file()]
-        if failures or missing:  # a cell another worker still holds has no result yet: retry the trial later
-            raise RuntimeError(f"runs failed: {failures}; busy elsewhere: {skipped}; without results: {missing}")
+        # RuntimeError (a failed run, or a cell another worker still holds): the trial is retried later
+        todo = _train_point(study, student, variant, seeds, params, extra, jobs, threads)
         res = _results(todo, metric)
         trial.set_user_attr("test", res["test"])
         trial.set_user_attr("runs", [str(c.run_dir) for c in todo])
@@ -145,6 +146,53 @@ def tune_student(study, student: str, variant: str, seeds: list[int], trials: in
             "chosen": row(best), "trials": [row(t) for t in done]}
 
 
+def _train_point(study, student, variant, seeds, params, extra, jobs, threads) -> list[Cell]:
+    """Finished runs of one point on ``seeds`` (reusing study and tune runs); RuntimeError if any failed."""
+    todo = reuse_study_runs(study, trial_cells(study, student, variant, seeds, params, extra), extra)
+    failures, skipped = run_cells(study, [c for c in todo if not (c.run_dir / "results.json").is_file()],
+                                  jobs, threads, 0)
+    missing = [c.label for c in todo if not (c.run_dir / "results.json").is_file()]
+    if failures or missing:
+        raise RuntimeError(f"runs failed: {failures}; busy elsewhere: {skipped}; without results: {missing}")
+    return todo
+
+
+def confirm(study, summary: dict, seeds: list[int], jobs: int, threads: int, extra: list[str]) -> dict:
+    """The chosen and the zero point over the tuning seeds plus ``seeds`` -> summary["confirm"].
+
+    Per point: mean valid / test of the metric and the per-seed values (seed order = ``all_seeds``);
+    ``gain_test``: mean test(chosen) / mean test(zero) - 1 (as in the study tables), ``gain_test_std`` the
+    sample std of the per-seed gains test(chosen) / test(zero) - 1 (None for one seed)."""
+    all_seeds = sorted(set(summary["seeds"]) | set(seeds))
+    metric = summary["metric"]
+    out = {"seeds": all_seeds, "confirm_seeds": sorted(set(seeds) - set(summary["seeds"]))}
+    for name in ("chosen", "zero"):
+        params = summary[name]["params"]
+        runs = _train_point(study, summary["student"], summary["variant"], all_seeds, params, extra, jobs, threads)
+        res = _results(sorted(runs, key=lambda c: c.seed), metric)
+        out[name] = {"params": params, **res, "runs": [str(c.run_dir) for c in sorted(runs, key=lambda c: c.seed)]}
+    gains = [c / z - 1 for c, z in zip(out["chosen"]["test_values"], out["zero"]["test_values"])]
+    out["gain_test"] = out["chosen"]["test"] / out["zero"]["test"] - 1
+    out["gain_test_std"] = statistics.stdev(gains) if len(gains) > 1 else None
+    return out
+
+
+def confirm_table(summaries: list[dict]) -> str:
+    rows = [s for s in summaries if s.get("confirm")]
+    if not rows:
+        return ""
+    lines = ["", "Confirmation (the chosen point and the zero point over every seed; the confirmation seeds chose nothing):", "",
+             "| student | seeds | chosen valid | chosen test | zero valid | zero test | paired test gain |",
+             "|---|---|---|---|---|---|---|"]
+    for s in rows:
+        c = s["confirm"]
+        std = "" if c["gain_test_std"] is None else f" ± {100 * c['gain_test_std']:.1f}"
+        lines.append(f"| {s['student']} | {','.join(map(str, c['seeds']))} | {c['chosen']['valid']:.4f} | "
+                     f"{c['chosen']['test']:.4f} | {c['zero']['valid']:.4f} | {c['zero']['test']:.4f} | "
+                     f"{100 * c['gain_test']:+.1f}%{std} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(summaries: list[dict]) -> str:
     lines = ["| student | chosen point (valid-selected) | valid | test | zero point valid | zero point test | trials |",
              "|---|---|---|---|---|---|---|"]
@@ -154,7 +202,8 @@ def table(summaries: list[dict]) -> str:
         lines.append(f"| {s['student']} | {pts} | {c['valid']:.4f} | {c['test']:.4f} | {z['valid']:.4f} | "
                      f"{z['test']:.4f} | {len(s['trials'])} |")
     metric = summaries[0]["metric"] if summaries else "ndcg@K"
-    return "\n".join(lines) + f"\n\n{metric}, mean over seeds; chosen on validation, test reported once.\n"
+    return ("\n".join(lines) + f"\n\n{metric}, mean over seeds; chosen on validation, test reported once.\n"
+            + confirm_table(summaries))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", default=[], metavar="student=A,B", help="restrict the students")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="extra",
                         help="extra dotted overrides for every run (e.g. loss.objective=ce)")
+    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[], metavar="SEED",
+                        help="after choosing, also train the chosen and the zero point on these seeds and report "
+                             "both over all seeds with paired test gains (e.g. --seeds 0 --confirm-seeds 1 2)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel runs (the seeds of one trial)")
     parser.add_argument("--threads-per-job", type=int, default=1)
 
@@ -181,11 +233,22 @@ def run(args: argparse.Namespace) -> int:
     if set(only) - {"student"}:
         raise ConfigError("tune --only accepts student=... only")
     students = [s for s in study.students if s in only.get("student", set(study.students))]
+    bad = sorted(set(args.confirm_seeds) - set(study.seeds))
+    if bad:
+        raise ConfigError(f"--confirm-seeds {bad} are not seeds of {study.path} ({study.seeds})")
     summaries = [tune_student(study, s, args.variant, seeds, args.trials, args.jobs, args.threads_per_job, args.extra)
                  for s in students]
+    for s in summaries:
+        if args.confirm_seeds:
+            s["confirm"] = confirm(study, s, args.confirm_seeds, args.jobs, args.threads_per_job, args.extra)
     root = study.out / "tune"
     previous = json.loads((root / "tune.json").read_text()) if (root / "tune.json").is_file() else {}
-    merged = {**previous.get("students", {}), **{s["student"]: s for s in summaries}}
+    old = previous.get("students", {})
+    for s in summaries:  # a rerun without --confirm-seeds keeps the confirmation of the same choice
+        kept = old.get(s["student"], {}).get("confirm")
+        if "confirm" not in s and kept and kept["chosen"]["params"] == s["chosen"]["params"]:
+            s["confirm"] = kept
+    merged = {**old, **{s["student"]: s for s in summaries}}
     atomic_write_json(root / "tune.json", {"schema": "dllm2rec.tune/1", "study": study.path, "students": merged})
     md = table(list(merged.values()))
     atomic_write_text(root / "tune.md", md)
