@@ -36,6 +36,19 @@ def _harmful_teacher(root, ds, top_n=10):
     return root / "teacher"
 
 
+def _study(tmp_path, n_train: int, seeds: list[int], overrides: list[str]):
+    """A one-student study (GRU4Rec, none / dllm2rec) over a synthetic split with the harmful teacher."""
+    n_eval = n_train // 4
+    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=n_train, n_valid=n_eval, n_test=n_eval))
+    teacher = _harmful_teacher(tmp_path, ds)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "harm", "base": None, "dataset": str(ds.path), "teacher": str(teacher), "out": str(tmp_path / "out"),
+        "seeds": seeds, "students": ["gru4rec"], "variants": ["none", "dllm2rec"],
+        "overrides": overrides + ["train.patience=0", "distill.rd.k=10"]}))
+    return study_file
+
+
 def test_space_contains_zero_and_zero_is_off():
     for objective in ("bce", "ce"):
         assert all(0.0 in v for v in space(objective).values())
@@ -45,14 +58,7 @@ def test_space_contains_zero_and_zero_is_off():
 
 
 def test_tune_never_worse_than_zero_on_validation_and_resumes(tmp_path, capsys):
-    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=128, n_valid=32, n_test=32))
-    teacher = _harmful_teacher(tmp_path, ds)
-    study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump({
-        "name": "harm", "base": None, "dataset": str(ds.path), "teacher": str(teacher), "out": str(tmp_path / "out"),
-        "seeds": [0], "students": ["gru4rec"], "variants": ["none", "dllm2rec"],
-        "overrides": ["train.epochs=2", "train.batch_size=64", "train.patience=0", "model.hidden=16",
-                      "distill.rd.k=10", "eval.ks=[10,20]"]}))
+    study_file = _study(tmp_path, 128, [0], ["train.epochs=2", "train.batch_size=64", "model.hidden=16", "eval.ks=[10,20]"])
     # the study's plain run exists already: the zero point must reuse it, not train it again
     assert main(["experiment", "--study", str(study_file), "--only", "variant=none", "--jobs", "1"]) == 0
     none_run = tmp_path / "out/gru4rec/none/seed0"
@@ -84,14 +90,7 @@ def test_tune_never_worse_than_zero_on_validation_and_resumes(tmp_path, capsys):
 
 
 def test_confirm_seeds_report_both_points_over_every_seed(tmp_path, capsys):
-    ds = load_dataset(synthetic_dataset(tmp_path / "ds", n_items=30, n_train=96, n_valid=24, n_test=24))
-    teacher = _harmful_teacher(tmp_path, ds)
-    study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump({
-        "name": "conf", "base": None, "dataset": str(ds.path), "teacher": str(teacher), "out": str(tmp_path / "out"),
-        "seeds": [0, 1], "students": ["gru4rec"], "variants": ["none", "dllm2rec"],
-        "overrides": ["train.epochs=1", "train.batch_size=48", "train.patience=0", "model.hidden=8",
-                      "distill.rd.k=10", "eval.ks=[20]"]}))
+    study_file = _study(tmp_path, 96, [0, 1], ["train.epochs=1", "train.batch_size=48", "model.hidden=8", "eval.ks=[20]"])
     base = ["tune", "--study", str(study_file), "--seeds", "0", "--trials", "2", "--threads-per-job", "1"]
     assert main(base + ["--confirm-seeds", "7"]) != 0  # refused by name before anything is trained
     assert "--confirm-seeds [7] are not seeds of" in capsys.readouterr().err
