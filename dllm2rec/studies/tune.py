@@ -26,7 +26,8 @@ runs trials until the student's study has N finished ones. Outputs ``<out>/tune/
 
 ``--confirm-seeds 1 2``: after the choice, train the chosen point and the zero point on these
 further seeds too (reusing finished runs the same way) and report both over all seeds (the tuning
-seeds and the confirmation seeds) with the per-seed paired test gain of the chosen point over zero.
+seeds and the confirmation seeds) with the test gain of the chosen point over zero (ratio of the
+means, ± the std of the per-seed paired gains, as in the study tables).
 The confirmation seeds never influence the choice, so their numbers are an unselected check.
 """
 from __future__ import annotations
@@ -168,9 +169,9 @@ def confirm(study, summary: dict, seeds: list[int], jobs: int, threads: int, ext
     out = {"seeds": all_seeds, "confirm_seeds": sorted(set(seeds) - set(summary["seeds"]))}
     for name in ("chosen", "zero"):
         params = summary[name]["params"]
-        runs = _train_point(study, summary["student"], summary["variant"], all_seeds, params, extra, jobs, threads)
-        res = _results(sorted(runs, key=lambda c: c.seed), metric)
-        out[name] = {"params": params, **res, "runs": [str(c.run_dir) for c in sorted(runs, key=lambda c: c.seed)]}
+        runs = sorted(_train_point(study, summary["student"], summary["variant"], all_seeds, params, extra, jobs,
+                                   threads), key=lambda c: c.seed)
+        out[name] = {"params": params, **_results(runs, metric), "runs": [str(c.run_dir) for c in runs]}
     gains = [c / z - 1 for c, z in zip(out["chosen"]["test_values"], out["zero"]["test_values"])]
     out["gain_test"] = out["chosen"]["test"] / out["zero"]["test"] - 1
     out["gain_test_std"] = statistics.stdev(gains) if len(gains) > 1 else None
@@ -238,9 +239,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--confirm-seeds {bad} are not seeds of {study.path} ({study.seeds})")
     summaries = [tune_student(study, s, args.variant, seeds, args.trials, args.jobs, args.threads_per_job, args.extra)
                  for s in students]
-    for s in summaries:
-        if args.confirm_seeds:
-            s["confirm"] = confirm(study, s, args.confirm_seeds, args.jobs, args.threads_per_job, args.extra)
+    for s in summaries if args.confirm_seeds else []:
+        s["confirm"] = confirm(study, s, args.confirm_seeds, args.jobs, args.threads_per_job, args.extra)
     root = study.out / "tune"
     previous = json.loads((root / "tune.json").read_text()) if (root / "tune.json").is_file() else {}
     old = previous.get("students", {})

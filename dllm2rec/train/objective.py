@@ -58,8 +58,8 @@ class StepObjective:
         if self.llm_table is not None and self.mm_dtype is not None:
             # With reduced-precision products the table is only ever read through a cast to mm_dtype
             # (ED forward, its weight gradient, the evaluation projection): cast it once here rather
-            # than every gathered slice of every step. Same values; bench train: ~2.7x faster ED
-            # gather+product for a float16 table, half the memory for a float32 one.
+            # than every gathered slice of every step. Same values; `bench train --profile`: ED 12.2 ->
+            # 6.2 ms a step (BENCHMARKS.md). Costs one bf16 copy of the table (the teacher keeps its own).
             self.llm_table = self.llm_table.to(self.mm_dtype)
         self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
         # lazy_adam: gathers of the output layer return row-sparse gradients (the optimiser then
