@@ -77,6 +77,8 @@ class ConstrainedConfig:
     k: int = 20  # distinct items per row (the teacher's top_n)
     beam_width: int = 20  # >= k
     length_penalty: float = 0.0  # score = logp / n_branching ** length_penalty (ghost tokens never count)
+    batch_prompts: int = 8  # prompts searched together, one model call per step (teacher/beam_batch.py)
+    attention: str = "eager"  # transformers attention for the search: eager | sdpa (BENCHMARKS.md)
 
 
 @dataclass
@@ -115,13 +117,14 @@ _CHOICES = {
     "ground.index": {"flat", "ivf", "hnsw"},
     "ground.collab": {"none", "popularity", "cooc"},
     "phase_process": {"subprocess", "inprocess"},
+    "constrained.attention": {"eager", "sdpa"},
     "query.kind": {"generated", "history_mean", "history_last", "history_decay"},
 }
 _POSITIVE = {
     "model.max_model_len", "generate.beam_width", "generate.max_new_tokens", "generate.batch_size",
     "embed.batch_size", "ground.top_n", "ground.batch_size", "ground.nlist", "ground.nprobe",
     "ground.hnsw_m", "ground.ef_search", "ground.recall_sample", "ground.collab_dim", "ground.collab_neighbours",
-    "constrained.k", "constrained.beam_width",
+    "constrained.k", "constrained.beam_width", "constrained.batch_prompts",
 }
 
 

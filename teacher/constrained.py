@@ -2,10 +2,12 @@
 
 ``python -m teacher constrained --config ... [--rank r --world w]``: for every row of
 ``cfg.splits`` (this shard), the BIGRec prompt is prefilled once with the transformers model
-(base + optional adapter), then ``teacher.trie.trie_beam_search`` runs over the title trie with
+(base + optional adapter), then the search of ``teacher.trie`` runs over the title trie with
 ``constrained.beam_width`` beams sharing the prompt's KV cache; the ground-truth title rides
 along as one forced extra sequence, so its log-probability is known even when it is not in the
-list. Output per shard: ``work/constrained/<split>/part-*.parquet`` + ``.done`` (fingerprinted).
+list. ``constrained.batch_prompts`` prompts are searched together (``teacher.beam_batch``: one
+model call per step for all their beams, the LM head only on the tokens the trie allows) with
+``constrained.attention`` (``eager``: faster than SDPA for one-token steps on CPU). Output per shard: ``work/constrained/<split>/part-*.parquet`` + ``.done`` (fingerprinted).
 ``merge_constrained(cfg)`` (``--merge``, automatic when world == 1) writes the teacher folder
 (schema ``dllm2rec.teacher/1``) with the columns of ``teacher/artifacts.py``:
 
@@ -66,18 +68,40 @@ class HFStepper:
 
 
 def rank_rows(model, tokenizer, trie, seqs, prompts, targets, k: int, beam_width: int, length_penalty: float):
-    """Beam search for each prompt; returns ids int64 [R, k], their log-probs float32 [R, k]
-    (descending), the target's log-prob float32 [R] and its 1-based rank (k + 1 if absent) [R]."""
+    """Beam search for each prompt, one prompt at a time with the full LM head (the path before
+    issue 16; ``teacher bench --compare --only constrained`` times it against ``rank_rows_batched``).
+    Returns ids int64 [R, k], their log-probs float32 [R, k] (descending), the target's log-prob
+    float32 [R] and its 1-based rank (k + 1 if absent) [R]."""
     from teacher.trie import trie_beam_search
 
-    ids = np.empty((len(prompts), k), np.int64)
-    dist = np.empty((len(prompts), k), np.float32)
-    gt = np.empty(len(prompts), np.float32)
-    ranks = np.empty(len(prompts), np.int64)
-    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+    results = []
+    for prompt, target in zip(prompts, targets):
         stepper = HFStepper(model, tokenizer(prompt)["input_ids"])
-        res = trie_beam_search(stepper.first_logits, stepper, trie, k, beam_width, length_penalty,
-                               force=seqs[int(target)])
+        results.append(trie_beam_search(stepper.first_logits, stepper, trie, k, beam_width, length_penalty,
+                                        force=seqs[int(target)]))
+    return _pack(results, targets, k)
+
+
+def rank_rows_batched(model, tokenizer, trie, seqs, prompts, targets, k: int, beam_width: int,
+                      length_penalty: float, batch_prompts: int):
+    """``rank_rows`` with ``batch_prompts`` prompts per batched search (``teacher.beam_batch``: one
+    model call per step for all their beams, LM head only on the tokens the trie allows)."""
+    from teacher.beam_batch import batched_beam_search
+
+    results = []
+    for s in range(0, len(prompts), batch_prompts):
+        ids = [tokenizer(p)["input_ids"] for p in prompts[s:s + batch_prompts]]
+        forces = [seqs[int(t)] for t in targets[s:s + batch_prompts]]
+        results += batched_beam_search(model, ids, trie, k, beam_width, length_penalty, forces)
+    return _pack(results, targets, k)
+
+
+def _pack(results: list[dict], targets, k: int):
+    ids = np.empty((len(results), k), np.int64)
+    dist = np.empty((len(results), k), np.float32)
+    gt = np.empty(len(results), np.float32)
+    ranks = np.empty(len(results), np.int64)
+    for i, (res, target) in enumerate(zip(results, targets)):
         if len(res["items"]) < k:
             raise ValueError(f"beam search found {len(res['items'])} < {k} items; raise constrained.beam_width")
         ids[i] = res["items"]
@@ -111,18 +135,20 @@ def constrained_phase(cfg, rank: int, world: int, progress: bool = True) -> dict
 
         torch.set_num_threads(cfg.generate.threads)
     model = load_hf_model(path, cfg.model.dtype, adapter=lora)
+    c = cfg.constrained
+    model.set_attn_implementation(c.attention)
     tok = load_tokenizer(path)
     trie, seqs = build_title_trie(tok, data.titles)
-    c = cfg.constrained
     for split in todo:
         rows = data.splits[split]
         sl = shard_slice(len(rows["row_id"]), rank, world)
         prompts, targets = split_prompts(data, split, sl), rows["target"][sl]
         t0 = time.perf_counter()
         out = [], [], [], []
-        for s in tqdm(range(0, len(prompts), 16), desc=f"constrained[{split}]", disable=not progress, unit="x16"):
-            for acc, arr in zip(out, rank_rows(model, tok, trie, seqs, prompts[s:s + 16], targets[s:s + 16],
-                                               c.k, c.beam_width, c.length_penalty)):
+        step = max(16, c.batch_prompts)
+        for s in tqdm(range(0, len(prompts), step), desc=f"constrained[{split}]", disable=not progress, unit=f"x{step}"):
+            for acc, arr in zip(out, rank_rows_batched(model, tok, trie, seqs, prompts[s:s + step], targets[s:s + step],
+                                                       c.k, c.beam_width, c.length_penalty, c.batch_prompts)):
                 acc.append(arr)
         ids, logp, gt_logp, ranks = (np.concatenate(a) if a else np.zeros((0, c.k) if j < 2 else 0) for j, a in enumerate(out))
         secs = time.perf_counter() - t0

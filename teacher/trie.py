@@ -10,6 +10,9 @@
 - ``trie_beam_search(first_logits, step, trie, k, beam_width, length_penalty, force)``: beam
   search returning up to ``k`` DISTINCT items ranked by sequence log-probability, model-agnostic
   (``step`` advances the model; ``teacher.constrained`` binds it to a transformers KV cache).
+  ``trie_beam_steps`` is the same search as a generator that asks for one model call at a time and
+  reads only the logits of the trie's allowed tokens, so ``teacher.beam_batch`` can run many
+  prompts' searches through one batched model call per step.
 
 Scores (D3, "Decoding Matters", Bao et al. 2024): each step's log-probabilities are renormalised
 over the tokens the trie allows (a log-softmax over the allowed logits), so a token the trie
@@ -113,7 +116,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def trie_beam_search(first_logits: np.ndarray, step: Callable, trie: TitleTrie, k: int, beam_width: int,
                      length_penalty: float = 0.0, force: Sequence[int] | None = None) -> dict:
-    """Beam search over ``trie``; up to ``k`` distinct items, best first.
+    """Beam search over ``trie``; up to ``k`` distinct items, best first (one prompt, dense logits).
 
     ``first_logits``: float [V], the model's next-token logits after the prompt.
     ``step(parents, tokens) -> float [len(parents), V]``: extends sequence ``parents[i]`` (a row of
@@ -123,11 +126,35 @@ def trie_beam_search(first_logits: np.ndarray, step: Callable, trie: TitleTrie, 
     through the same renormalised log-probabilities; its log-prob is returned as ``forced_logp``.
     Returns ``items`` int64 [n <= k], ``logp`` float64 [n] (sequence log-probability),
     ``score`` float64 [n] (ranking score, descending), ``forced_logp`` (float or None), ``steps``.
+    The search itself is ``trie_beam_steps``; this drives it with one dense ``step`` per call.
+    """
+    gen = trie_beam_steps(np.asarray(first_logits, np.float64)[trie.allowed(0)], trie, k, beam_width,
+                          length_penalty, force)
+    try:
+        parents, tokens, nodes = next(gen)
+        while True:
+            dense = np.asarray(step(parents, tokens), np.float64)
+            parents, tokens, nodes = gen.send([dense[i, trie.allowed(n)] for i, n in enumerate(nodes)])
+    except StopIteration as stop:
+        return stop.value
+
+
+def trie_beam_steps(first: np.ndarray, trie: TitleTrie, k: int, beam_width: int, length_penalty: float = 0.0,
+                    force: Sequence[int] | None = None):
+    """The search of ``trie_beam_search`` as a generator, so that a caller can batch many searches.
+
+    ``first``: float [len(trie.allowed(0))], the prompt's next-token logits at the root's children
+    (in ``trie.allowed(0)`` order). Each ``yield`` asks for one model call: ``(parents, tokens,
+    nodes)``, row i extends row ``parents[i]`` of the previous call (row 0 = the prompt on the first
+    call) by ``tokens[i]`` and sits at trie node ``nodes[i]``; the caller sends back a list with,
+    per row, the logits of ``trie.allowed(nodes[i])`` in that order (only those are ever read: the
+    log-probabilities are renormalised over them). The generator's return value (StopIteration.value)
+    is ``trie_beam_search``'s result dict.
     """
     if beam_width < 1 or k < 1:
         raise ValueError("k and beam_width must be >= 1")
     beams = [(0, 0.0, 0)]  # (trie node, logp, branching steps)
-    logits = np.asarray(first_logits, np.float64)[None, :]
+    rows = [np.asarray(first, np.float64)]  # per row of the last call: logits of its node's children
     f_node, f_logp, f_pos = (0, 0.0, 0) if force else (None, None, 0)
     finished: list[tuple[float, float, int]] = []  # (score, logp, leaf)
     steps = 0
@@ -135,7 +162,7 @@ def trie_beam_search(first_logits: np.ndarray, step: Callable, trie: TitleTrie, 
         cands = []
         for b, (node, lp, nb) in enumerate(beams):
             allowed = trie.allowed(node)
-            lsm = _log_softmax(logits[b, allowed])
+            lsm = _log_softmax(rows[b])
             branch = int(len(allowed) > 1)
             cands.extend((lp + float(l), b, t, nb + branch) for t, l in zip(allowed, lsm))
         cands.sort(key=lambda c: (-c[0], c[1], c[2]))
@@ -150,8 +177,8 @@ def trie_beam_search(first_logits: np.ndarray, step: Callable, trie: TitleTrie, 
         f_row = None
         if force and f_pos < len(force):  # the forced path rides along as the last row
             allowed = trie.allowed(f_node)
-            row = logits[len(beams)] if steps else logits[0]
-            f_logp += float(_log_softmax(row[allowed])[allowed.index(force[f_pos])])
+            row = rows[len(beams)] if steps else rows[0]
+            f_logp += float(_log_softmax(row)[allowed.index(force[f_pos])])
             f_node = trie.child(f_node, force[f_pos])
             f_pos += 1
             if f_pos < len(force):
@@ -161,11 +188,12 @@ def trie_beam_search(first_logits: np.ndarray, step: Callable, trie: TitleTrie, 
             if length_penalty == 0 and new[0][1] <= kth:  # log-probs only fall: nothing can overtake
                 new, parents, tokens = [], [], []
         beams = [(c, lp, nb) for c, lp, nb, _, _ in new]
+        nodes = [c for c, _, _ in beams]
         if f_row is not None:
-            parents, tokens = parents + [f_row], tokens + [force[f_pos - 1]]
+            parents, tokens, nodes = parents + [f_row], tokens + [force[f_pos - 1]], nodes + [f_node]
         if not parents:
             break
-        logits = np.asarray(step(parents, tokens), np.float64)
+        rows = [np.asarray(r, np.float64) for r in (yield parents, tokens, nodes)]
         steps += 1
     finished.sort(key=lambda f: (-f[0], f[2]))
     items, logp, score = [], [], []
