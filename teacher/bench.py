@@ -110,13 +110,16 @@ def run_bench(cfg, rows: int, repeats: int, out: str, only: list[str] | None = N
             record(f"beam{g.beam_width}", "transformers", len(beam_rows), lambda: hf_generate(
                 model, tok, beam_rows, "beam", g.beam_width, g.max_new_tokens, bs, progress=False), start)
         if "hf_constrained" in only:  # K distinct catalogue items per row (teacher/constrained.py)
-            from teacher.constrained import rank_rows
+            from teacher.constrained import rank_rows_batched
             from teacher.trie import build_title_trie
 
             trie, seqs = build_title_trie(tok, data.titles)
             c, targets = cfg.constrained, data.splits["train"]["target"][: len(beam_rows)]
-            record(f"constrained_beam{c.beam_width}_k{c.k}", "transformers", len(beam_rows), lambda: rank_rows(
-                model, tok, trie, seqs, beam_rows, targets, c.k, c.beam_width, c.length_penalty), start)
+            attn = model.config._attn_implementation
+            model.set_attn_implementation(c.attention)  # the pipeline's path (teacher/beam_batch.py)
+            record(f"constrained_beam{c.beam_width}_k{c.k}", "transformers", len(beam_rows), lambda: rank_rows_batched(
+                model, tok, trie, seqs, beam_rows, targets, c.k, c.beam_width, c.length_penalty, c.batch_prompts), start)
+            model.set_attn_implementation(attn)
         if "hf_embed" in only:
             record("embed", "transformers", len(titles), lambda: hf_embed(model, tok, titles, bs, progress=False), start)
     if "sentence_embed" in only:  # all-MiniLM-L6-v2, mean pooling (teacher/sentence.py)

@@ -26,6 +26,13 @@ Pairs ("old" = the default before issue 16, "new" = the default after it):
   in calls of ``embed.batch_size`` titles (old) vs the config's dtype in calls of
   ``embed_batch`` titles (new: fewer, fuller engine steps). Check: mean and minimum cosine
   between the new path's vectors and float32's.
+- ``constrained``: constrained beam search rows/s (transformers, the config's dtype, K =
+  ``constrained.k`` distinct items, width ``constrained.beam_width``): one prompt at a time with
+  SDPA attention and the full LM head (``constrained.rank_rows``, the path before issue 16) vs
+  ``constrained.batch_prompts`` prompts per batched search with ``constrained.attention`` and the
+  LM head only on the trie's allowed tokens (``constrained.rank_rows_batched``, teacher/beam_batch.py).
+  Check: rows whose K-item lists are identical, the mean overlap of the two K-item sets, equal
+  top-1 items and the largest log-probability difference.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRS = ("finetune", "logits", "greedy", "embed")
+PAIRS = ("finetune", "logits", "greedy", "embed", "constrained")
 
 
 def alternate(*fns, repeats: int) -> list[float]:
@@ -210,6 +217,45 @@ def _embed_pair(cfg, path, titles, repeats: int, new_batch: int):
     return secs, f"cosine vs float32 mean {cos.mean():.4f} min {cos.min():.4f}"
 
 
+def _constrained_pair(cfg, path, data, rows: int, repeats: int):
+    """Seconds of (one prompt at a time, SDPA, full LM head) and (batched search, config attention,
+    restricted head) on the first ``rows`` training rows, plus the agreement check."""
+    from teacher.artifacts import split_prompts
+    from teacher.constrained import rank_rows, rank_rows_batched
+    from teacher.model import load_hf_model, load_tokenizer
+    from teacher.trie import build_title_trie
+
+    c = cfg.constrained
+    if cfg.generate.threads:
+        import torch
+
+        torch.set_num_threads(cfg.generate.threads)
+    old_model, new_model = load_hf_model(path, cfg.model.dtype), load_hf_model(path, cfg.model.dtype)
+    old_model.set_attn_implementation("sdpa")
+    new_model.set_attn_implementation(c.attention)
+    tok = load_tokenizer(path)
+    trie, seqs = build_title_trie(tok, data.titles)
+    prompts, targets = split_prompts(data, "train", slice(0, rows)), data.splits["train"]["target"][:rows]
+    outs = {}
+
+    def old():
+        outs["old"] = rank_rows(old_model, tok, trie, seqs, prompts, targets, c.k, c.beam_width, c.length_penalty)
+
+    def new():
+        outs["new"] = rank_rows_batched(new_model, tok, trie, seqs, prompts, targets, c.k, c.beam_width,
+                                        c.length_penalty, c.batch_prompts)
+
+    secs = alternate(old, new, repeats=repeats)
+    (a, la, _, _), (b, lb, _, _) = outs["old"], outs["new"]
+    same = int((a == b).all(1).sum())
+    overlap = np.mean([len(set(x) & set(y)) / c.k for x, y in zip(a, b)])
+    check = (f"same {c.k}-item list {same}/{len(a)} rows, set overlap {overlap:.3f}, same top-1 "
+             f"{int((a[:, 0] == b[:, 0]).sum())}/{len(a)}, max log-prob difference {np.abs(la - lb).max():.2g}")
+    del old_model, new_model
+    gc.collect()
+    return len(prompts), secs, check
+
+
 def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: list[str] | None = None,
                 greedy_batch: int = 16, embed_batch: int = 512, embed_rows: int = 256, step_tokens: int = 0) -> str:
     """Run the pairs in ``only`` (default all of ``PAIRS``); markdown table to stdout and ``out``."""
@@ -257,6 +303,13 @@ def run_compare(cfg, ft, rows: int, ft_rows: int, repeats: int, out: str, only: 
         res.append((f"title embedding ({dt}; calls of {b0} -> {embed_batch} rows)", "rows", len(titles),
                     old, new, "same engine"))
         print(res[-2:], flush=True)
+    if "constrained" in only:
+        c = cfg.constrained
+        n, (old, new), check = _constrained_pair(cfg, path, _inputs(cfg, 1)[2], rows, repeats)
+        res.append((f"constrained beam search ({cfg.model.dtype}, width {c.beam_width}, K {c.k}; one prompt, SDPA, "
+                    f"full LM head -> {c.batch_prompts} prompts per search, {c.attention}, allowed tokens only)",
+                    "rows", n, old, new, check))
+        print(res[-1], flush=True)
     load1 = os.getloadavg()
     lines = [
         f"# Teacher old vs new paths ({platform.machine()}, {os.cpu_count()} CPUs, generate/embed threads "

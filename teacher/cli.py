@@ -264,7 +264,7 @@ def run(argv: list[str] | None = None) -> int:
 def _add_compare_args(b) -> None:
     """``teacher bench --compare`` options (teacher/bench_compare.py)."""
     b.add_argument("--compare", action="store_true",
-                   help="old vs new CPU paths, alternating (teacher/bench_compare.py); --only then picks of finetune,logits,greedy,embed")
+                   help="old vs new CPU paths, alternating (teacher/bench_compare.py); --only then picks of finetune,logits,greedy,embed,constrained")
     b.add_argument("--finetune-config", default="launch/configs/teacher_finetune_ml100k.yaml",
                    help="--compare: the fine-tune config whose LoRA and micro-batch are timed")
     b.add_argument("--finetune-rows", type=int, default=8, help="--compare: training prompts per fine-tune run")
