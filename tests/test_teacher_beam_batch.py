@@ -93,3 +93,15 @@ def test_rank_rows_batched_matches_rank_rows_and_packs_ranks():
     np.testing.assert_allclose(old[2], new[2], atol=1e-4)
     np.testing.assert_array_equal(old[3], new[3])
     assert ((new[3] >= 1) & (new[3] <= 5)).all()
+
+
+def test_constrained_search_keys_are_validated():
+    from dllm2rec.errors import ConfigError
+    from teacher.config import load_teacher_config
+
+    cfg = load_teacher_config(None, ["constrained.batch_prompts=4", "constrained.attention=sdpa"])
+    assert (cfg.constrained.batch_prompts, cfg.constrained.attention) == (4, "sdpa")
+    with pytest.raises(ConfigError, match="constrained.attention"):
+        load_teacher_config(None, ["constrained.attention=flash"])
+    with pytest.raises(ConfigError, match="constrained.batch_prompts"):
+        load_teacher_config(None, ["constrained.batch_prompts=0"])
