@@ -78,7 +78,10 @@ class ConstrainedConfig:
     beam_width: int = 20  # >= k
     length_penalty: float = 0.0  # score = logp / n_branching ** length_penalty (ghost tokens never count)
     batch_prompts: int = 8  # prompts searched together, one model call per step (teacher/beam_batch.py)
-    attention: str = "eager"  # transformers attention for the search: eager | sdpa (BENCHMARKS.md)
+    # transformers attention for the search: sdpa | eager. Llama models (SmolLM2) decode with
+    # teacher/beam_batch.py's own attention, so this picks the prefill's (sdpa measured faster);
+    # other architectures decode through transformers, where eager was faster for one-token steps.
+    attention: str = "sdpa"
 
 
 @dataclass

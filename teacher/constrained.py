@@ -7,7 +7,8 @@
 along as one forced extra sequence, so its log-probability is known even when it is not in the
 list. ``constrained.batch_prompts`` prompts are searched together (``teacher.beam_batch``: one
 model call per step for all their beams, the LM head only on the tokens the trie allows) with
-``constrained.attention`` (``eager``: faster than SDPA for one-token steps on CPU). Output per shard: ``work/constrained/<split>/part-*.parquet`` + ``.done`` (fingerprinted).
+``constrained.attention`` (transformers' attention for the prefill; see ``ConstrainedConfig``).
+Output per shard: ``work/constrained/<split>/part-*.parquet`` + ``.done`` (fingerprinted).
 ``merge_constrained(cfg)`` (``--merge``, automatic when world == 1) writes the teacher folder
 (schema ``dllm2rec.teacher/1``) with the columns of ``teacher/artifacts.py``:
 
