@@ -105,3 +105,21 @@ def test_constrained_search_keys_are_validated():
         load_teacher_config(None, ["constrained.attention=flash"])
     with pytest.raises(ConfigError, match="constrained.batch_prompts"):
         load_teacher_config(None, ["constrained.batch_prompts=0"])
+
+
+@pytest.mark.llm
+@pytest.mark.slow  # ~30 s: SmolLM2 loaded twice, 3 rows searched 4 times each way
+def test_bench_pair_times_both_paths_and_they_agree_in_float32(tmp_path):
+    from teacher.bench import _inputs
+    from teacher.bench_compare import _constrained_pair
+    from teacher.config import load_teacher_config
+    from teacher.model import resolve_base_model
+    from tests.test_teacher_fast import tiny_dataset
+
+    ds = tiny_dataset(tmp_path / "ds", n_rows=(3, 2, 2))
+    cfg = load_teacher_config("launch/configs/teacher_ml100k.yaml", [
+        f"dataset={ds}", "model.dtype=float32", "generate.threads=1", "constrained.k=4", "constrained.beam_width=4",
+        "constrained.batch_prompts=2"])
+    n, (old, new), check = _constrained_pair(cfg, resolve_base_model(cfg.model.base), _inputs(cfg, 1)[2], 3, 1)
+    assert n == 3 and old > 0 and new > 0
+    assert check.startswith("same 4-item list 3/3 rows, set overlap 1.000, same top-1 3/3")
