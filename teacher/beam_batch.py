@@ -7,8 +7,12 @@ the title trie allows. Here:
 
 - ``BatchedLM(model, prompts)`` prefills several prompts together (left-padded, with an attention
   mask and per-row positions) and then advances every beam of every prompt in ONE model call per
-  step; the KV-cache rows are reordered by global parent index, so searches that finish simply
-  stop contributing rows.
+  step; rows follow their parents by global row index, so searches that finish simply stop
+  contributing rows. For Llama models (SmolLM2) the step is ``_llama_step``: each prompt's keys
+  and values are kept once and only the generated tokens per row, because reordering and growing
+  a transformers cache whose rows all hold the ~200-token prompt made the batched search SLOWER
+  than one prompt at a time (an ad-hoc cProfile: cache copies dominated). Other architectures use
+  transformers' forward with its cache reordered each step.
 - ``BatchedLM.logits(hidden, allowed)`` applies the LM head only to the union of the tokens the
   rows' trie nodes allow (a gather of those rows of the head's weight): same products for the
   columns that are read, a fraction of the work. Models whose head is not a plain ``nn.Linear``
