@@ -79,8 +79,9 @@ class ConstrainedConfig:
     length_penalty: float = 0.0  # score = logp / n_branching ** length_penalty (ghost tokens never count)
     batch_prompts: int = 8  # prompts searched together, one model call per step (teacher/beam_batch.py)
     # transformers attention for the search: sdpa | eager. Llama models (SmolLM2) decode with
-    # teacher/beam_batch.py's own attention, so this picks the prefill's (sdpa measured faster);
-    # other architectures decode through transformers, where eager was faster for one-token steps.
+    # teacher/beam_batch.py's own attention, so this picks the prefill's (level in BENCHMARKS.md
+    # run 4; sdpa does not build the L x L matrix); other architectures decode through
+    # transformers, where eager was faster for one-token steps in an ad-hoc profile.
     attention: str = "sdpa"
 
 
