@@ -10,17 +10,7 @@ import numpy as np
 import pytest
 
 from teacher.trie import TitleTrie, trie_beam_search
-
-
-def _tiny_llama(vocab: int = 40):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=vocab - 1, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+from tests.test_teacher_trie import _tiny_llama  # vocab 40, EOS 39
 
 
 def _trie(seed: int, n: int = 40, eos: int = 39):
