@@ -111,6 +111,11 @@ class TrainConfig:
     # dense [N, H] gradients and Adam over all N rows dominate a step. Several processes: gradients
     # are averaged by distributed.average_gradients instead of DDP; refused under DeepSpeed.
     optimizer: str = "adam"
+    # True: the same step with fewer operations (one gather for the target / negative / teacher
+    # candidate logits; SASRec's last block only at the read-out position, in training and
+    # evaluation). The function is unchanged in exact arithmetic, but fp32 rounding and the dropout
+    # draws differ from the default path, so runs are not bit-identical to runs made without it.
+    fast_step: bool = False
 
 
 @dataclass

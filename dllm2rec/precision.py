@@ -40,11 +40,27 @@ def mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Ten
     return torch.mm(a.to(dtype), b.to(dtype)).to(torch.float32)
 
 
+def product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """a @ b left in ``dtype`` (fp32 when None): for callers that add the bias in fp32 themselves."""
+    return a @ b if dtype is None else torch.mm(a.to(dtype), b.to(dtype))
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``out[...] = a @ b`` (``out`` fp32, e.g. a slice of a gradient buffer); returns ``out``.
+
+    Same values as ``out.copy_(mm(a, b, dtype))`` without the intermediate fp32 product."""
+    if dtype is None:
+        return torch.mm(a, b, out=out)
+    return out.copy_(torch.mm(a.to(dtype), b.to(dtype)))
+
+
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """bias + a @ b; with ``dtype`` only the product is reduced, the bias is added in fp32."""
     if dtype is None:
         return torch.addmm(bias, a, b)
-    return torch.mm(a.to(dtype), b.to(dtype)).to(torch.float32).add_(bias)
+    # reduced product + fp32 bias promotes to fp32: float(product) + bias, the same values as
+    # casting the product first, without writing and re-reading an fp32 copy of it.
+    return torch.add(torch.mm(a.to(dtype), b.to(dtype)), bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -76,7 +76,8 @@ def compare_revisions(args) -> tuple[str, dict]:
         for i in range(args.repeats):
             for tag in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 loads.append(round(os.getloadavg()[0], 2))
-                r = measure_tree(trees[tag], args, Path(tmp) / f"{tag}{i}.md", _dtype_args(args))
+                fast = ("--fast-step",) if tag == "new" and getattr(args, "fast_step", False) else ()
+                r = measure_tree(trees[tag], args, Path(tmp) / f"{tag}{i}.md", _dtype_args(args) + fast)
                 runs[tag]["epoch"].append(r["epoch_median"])
                 runs[tag]["eval"].append(r["eval_median"])
     med = {tag: {k: statistics.median(v) for k, v in d.items()} for tag, d in runs.items()}
@@ -86,7 +87,8 @@ def compare_revisions(args) -> tuple[str, dict]:
     lines = [f"## bench train --compare {args.compare}", "",
              f"Command: `python -m dllm2rec {' '.join(sys.argv[1:])}`  ",
              f"old = {args.compare} ({commit[:12]}), new = this working tree; {args.repeats} alternating pairs, "
-             f"threads {args.threads or 'default'}, train.matmul_dtype {getattr(args, 'matmul_dtype', 'float32')}; "
+             f"threads {args.threads or 'default'}, train.matmul_dtype {getattr(args, 'matmul_dtype', 'float32')}"
+             f"{', new with train.fast_step=true' if getattr(args, 'fast_step', False) else ''}; "
              f"1-minute load average before each run: "
              f"{', '.join(str(x) for x in loads)}", "",
              "| measurement | old median (s) | new median (s) | old / new | old runs (s) | new runs (s) |",

@@ -14,6 +14,7 @@ REF (exported with ``git archive`` into a temporary folder) and this working tre
 one subprocess per measurement (1 epoch + 1 evaluation each), alternating old and new, so both see
 the same background load; reports the medians and the old/new ratios (``dllm2rec.bench.compare``).
 ``--matmul-dtype`` sets ``train.matmul_dtype`` of the measured run (``dllm2rec.precision``);
+``--fast-step`` sets ``train.fast_step`` (with ``--compare``: of this tree only);
 ``--compare-precision`` measures float32 and bfloat16 of this tree the same way (alternating
 subprocesses, at each of ``--compare-threads``) and how far bfloat16 evaluation ranks differ from
 fp32 ranks of the same trained weights (``--rank-agreement``).
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="git revision to measure side by side with this tree (alternating subprocesses)")
     parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="train.matmul_dtype of the measured run (dtype of the heavy matrix products)")
+    parser.add_argument("--fast-step", action="store_true",
+                        help="train.fast_step=true for the measured run (with --compare: for this tree only, "
+                             "REF may predate the key)")
     parser.add_argument("--compare-precision", action="store_true",
                         help="measure matmul dtype float32 and bfloat16 side by side (alternating subprocesses)")
     parser.add_argument("--compare-threads", default=None, metavar="LIST",
@@ -71,7 +75,8 @@ def games_inputs(rows: int, items: int, emb_dim: int, top_n: int) -> tuple[Path,
     return ds, teacher
 
 
-def bench_config(ds: Path, teacher: Path, out: Path, epochs: int, matmul_dtype: str = "float32"):
+def bench_config(ds: Path, teacher: Path, out: Path, epochs: int, matmul_dtype: str = "float32",
+                 fast_step: bool = False):
     from dllm2rec.config import load_config
 
     return load_config(None, [
@@ -79,7 +84,7 @@ def bench_config(ds: Path, teacher: Path, out: Path, epochs: int, matmul_dtype: 
         f"distill.teacher={teacher}", "distill.rd.enabled=true", "distill.rd.variant=official", "distill.rd.k=10",
         "distill.ed.enabled=true", "train.batch_size=256", f"train.epochs={epochs}", "train.patience=0",
         "train.progress=false", f"train.output_dir={out}", "train.checkpoint_every=1000",
-        f"train.matmul_dtype={matmul_dtype}",
+        f"train.matmul_dtype={matmul_dtype}", f"train.fast_step={str(fast_step).lower()}",
     ])
 
 
@@ -99,10 +104,12 @@ def measure(args) -> dict:
     result = {"rows": args.rows, "items": args.items, "emb_dim": args.emb_dim, "top_n": args.top_n,
               "threads": torch.get_num_threads(), "prepare_seconds": round(prep, 2)}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(ds, teacher, Path(tmp) / "run", args.repeats, getattr(args, "matmul_dtype", "float32"))
+        cfg = bench_config(ds, teacher, Path(tmp) / "run", args.repeats, getattr(args, "matmul_dtype", "float32"),
+                           getattr(args, "fast_step", False))
         result["matmul_dtype"] = cfg.train.matmul_dtype
+        result["fast_step"] = cfg.train.fast_step
         if args.bench == "train":
-            train(cfg)
+            result["compile_seconds"] = train(cfg)["compile_seconds"]
             lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
             epochs = [r["train_seconds"] for r in lines]
             result.update(epoch_seconds=epochs, epoch_median=statistics.median(epochs),
@@ -135,7 +142,8 @@ def markdown(r: dict, argv: str) -> str:
     lines = [f"## bench {'train' if 'epoch_median' in r else 'eval'}", "",
              f"Command: `{argv}`  ", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch threads {r['threads']}, load average {os.getloadavg()[0]:.1f} at the end, "
-             f"train.matmul_dtype {r.get('matmul_dtype', 'float32')}", "",
+             f"train.matmul_dtype {r.get('matmul_dtype', 'float32')}, train.fast_step "
+             f"{str(r.get('fast_step', False)).lower()}", "",
              "| measurement | median (s) | runs (s) | target |", "|---|---|---|---|"]
     if "epoch_median" in r:
         lines.append(f"| one training epoch: {r['rows']:,} rows, {r['steps_per_epoch']} steps of 256, SASRec + DRO + "
@@ -144,6 +152,9 @@ def markdown(r: dict, argv: str) -> str:
     lines.append(f"| full-ranking evaluation: {r['eval_rows']:,} rows x {r['items']:,} items | {r['eval_median']:.2f} | "
                  f"{', '.join(f'{x:.2f}' for x in r['eval_seconds'])} | <= 0.3 |")
     lines += ["", f"Synthetic input (built once, cached): {r['prepare_seconds']:.1f} s this run."]
+    if r.get("compile_seconds"):
+        lines.append(f"One-off compilation of the fused kernels (train.fast_step, before the first epoch): "
+                     f"{r['compile_seconds']:.1f} s.")
     if "rank_agreement" in r:
         from dllm2rec.bench.compare import agreement_markdown
 

@@ -70,7 +70,7 @@ def item_popularity_weights(train_targets: torch.Tensor, n_items: int) -> torch.
 
 def dro_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
              p: torch.Tensor, beta: float = 1.0, chunk: int = 65536, topk: int = 0,
-             matmul_dtype: torch.dtype | None = None):
+             matmul_dtype: torch.dtype | None = None, y: torch.Tensor | None = None, use_fused: bool = False):
     """DRO term per row (and per target column), SPEC section 4:
 
         log( sum_j exp(p_j y_j^2 / beta) - exp(p_t y_t^2 / beta) + exp(p_t (y_t - 1)^2 / beta) + 1e-24 )
@@ -89,15 +89,22 @@ def dro_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: 
 
     ``matmul_dtype`` (None = fp32): dtype of the catalogue score products only (``dllm2rec.precision``);
     the set members' logits, the transform and the log-space sums stay fp32.
+
+    ``y`` Float[B, T]: the set members' logits when the caller already gathered them (same values
+    as ``gather_logits(h, weight, bias, target)``); saves a gather whose backward is a dense [N, H].
+    ``use_fused``: compiled elementwise kernels for the catalogue pass (``catalogue_logsumexp``).
     """
     squeeze = target.dim() == 1
     ids = target[:, None] if squeeze else target
-    y = gather_logits(h, weight, bias, ids)  # [B, T]
+    if y is None:
+        y = gather_logits(h, weight, bias, ids)  # [B, T]
+    elif y.shape != ids.shape:
+        raise ValueError(f"y has shape {tuple(y.shape)}, the target ids {tuple(ids.shape)}")
     pt = p[ids]
     a_set = pt * y * y / beta
     b_set = pt * (y - 1.0) * (y - 1.0) / beta
     lse_rest = catalogue_logsumexp(h, weight, bias, chunk, p=p, beta=beta, exclude=ids, topk=topk,
-                                   matmul_dtype=matmul_dtype)  # [B]
+                                   matmul_dtype=matmul_dtype, use_fused=use_fused)  # [B]
     top = None
     if topk:
         lse_rest, top = lse_rest

@@ -16,6 +16,7 @@ import math
 import torch
 
 from dllm2rec import precision
+from dllm2rec.losses import fused
 
 
 class _SparseRows(torch.autograd.Function):
@@ -38,17 +39,43 @@ class _SparseRows(torch.autograd.Function):
         return torch.sparse_coo_tensor(flat, values, ctx.shape, check_invariants=False), None
 
 
-def gather_rows(param: torch.Tensor, ids: torch.Tensor, sparse: bool = False) -> torch.Tensor:
-    """``param[ids]``; with ``sparse`` the gradient w.r.t. ``param`` is row-sparse (``_SparseRows``)."""
-    return _SparseRows.apply(param, ids) if sparse and param.requires_grad else param[ids]
+class _AddRows(torch.autograd.Function):
+    """``param[ids]`` whose dense gradient is built with ``index_add_`` (``train.fast_step``).
+
+    Plain indexing scatters its gradient with an accumulating ``index_put_``, which on CPU is ~8x
+    slower for a few thousand rows; ``index_add_`` sums repeated ids in another order (rounding)."""
+
+    @staticmethod
+    def forward(ctx, param, ids):
+        ctx.shape = param.shape
+        ctx.save_for_backward(ids)
+        return param[ids]
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        grad = g.new_zeros(ctx.shape)
+        grad.index_add_(0, ids.reshape(-1), g.reshape(-1, *ctx.shape[1:]))
+        return grad, None
+
+
+def gather_rows(param: torch.Tensor, ids: torch.Tensor, sparse: bool = False, fast: bool = False) -> torch.Tensor:
+    """``param[ids]``; with ``sparse`` the gradient w.r.t. ``param`` is row-sparse (``_SparseRows``),
+    with ``fast`` it is dense and built by ``index_add_`` (``_AddRows``)."""
+    if not param.requires_grad:
+        return param[ids]
+    if sparse:
+        return _SparseRows.apply(param, ids)
+    return _AddRows.apply(param, ids) if fast else param[ids]
 
 
 def gather_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor,
-                  sparse: bool = False) -> torch.Tensor:
+                  sparse: bool = False, fast: bool = False) -> torch.Tensor:
     """Scores of selected items: h Float[B, H], ids Long[B] or Long[B, K] -> Float[B] / Float[B, K].
 
-    ``sparse``: gradients w.r.t. ``weight`` / ``bias`` are row-sparse (``train.optimizer=lazy_adam``)."""
-    w, b = gather_rows(weight, ids, sparse), gather_rows(bias, ids, sparse)
+    ``sparse``: gradients w.r.t. ``weight`` / ``bias`` are row-sparse (``train.optimizer=lazy_adam``).
+    ``fast``: dense gradients scattered by ``index_add_`` (``train.fast_step``; other rounding)."""
+    w, b = gather_rows(weight, ids, sparse, fast), gather_rows(bias, ids, sparse, fast)
     if ids.dim() == 1:
         return (h * w).sum(-1) + b
     return torch.einsum("bh,bkh->bk", h, w) + b
@@ -74,28 +101,28 @@ def _block_values(h, weight, bias, p, beta, excl, c0, c1, mm_dtype=None):
     y = precision.addmm(bias[c0:c1], h, weight[c0:c1].t(), mm_dtype)
     a = y if p is None else y.square().mul_(p[c0:c1] / beta)
     if excl is not None:
-        rows, cols = torch.nonzero((excl >= c0) & (excl < c1), as_tuple=True)
-        if rows.numel():
-            a[rows, excl[rows, cols] - c0] = float("-inf")
+        _exclude(a, excl, c0, c1)
     return y, a
 
 
 _GROUP = 64  # items per group in ``block_topk``
 
 
-def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_topk(scores: torch.Tensor, k: int, group_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) of the k largest entries per row of ``scores`` Float[B, C], best first.
 
     Same values as ``scores.topk(k)`` (ids may differ only between tied scores), about 4x faster
     on CPU for C >> k: the k groups of 64 columns with the largest maxima hold every top-k entry
     (an entry outside them has k larger group maxima above it), so one max pass plus a top-k over
-    k x 64 gathered entries replaces the top-k over all C."""
+    k x 64 gathered entries replaces the top-k over all C. ``group_max`` Float[B, C // 64]: those
+    maxima when the caller already has them (``fused.dro_scores``)."""
     b, c = scores.shape
     main = (c // _GROUP) * _GROUP
     if k > 64 or main < 4 * k * _GROUP:
         return scores.topk(min(k, c), dim=1)
-    g = scores[:, :main].reshape(b, main // _GROUP, _GROUP)
-    groups = g.amax(2).topk(k, dim=1).indices  # [B, k]
+    if group_max is None:
+        group_max = scores[:, :main].reshape(b, main // _GROUP, _GROUP).amax(2)
+    groups = group_max.topk(k, dim=1).indices  # [B, k]
     cols = (groups[:, :, None] * _GROUP + torch.arange(_GROUP, device=scores.device)).reshape(b, -1)
     v, j = scores.gather(1, cols).topk(k, dim=1)
     i = cols.gather(1, j)
@@ -117,9 +144,50 @@ def merge_topk(best_v, best_i, scores, c0: int, k: int):
     return best_v, torch.cat([best_i, i], 1).gather(1, j)
 
 
+def _exclude(a, excl, c0: int, c1: int) -> None:
+    """a[b, j - c0] = -inf for every id j of ``excl`` Long[B, E] in c0..c1-1 (in place)."""
+    rows, cols = torch.nonzero((excl >= c0) & (excl < c1), as_tuple=True)
+    if rows.numel():
+        a[rows, excl[rows, cols] - c0] = float("-inf")
+
+
+def fused_blocks(rows: int, n: int, chunk: int) -> set[tuple[int, int]]:
+    """The (rows, width) score blocks of a fused catalogue pass over n items (``fused.warm_up``)."""
+    step = max(_GROUP, item_block(rows, chunk) // _GROUP * _GROUP)
+    return {(rows, min(step, n))} | ({(rows, n % step)} if n % step and n > step else set())
+
+
+def _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
+    """The kept-factor DRO forward with the elementwise work in ``fused`` kernels (``train.fast_step``).
+
+    Same outputs as the eager loop of ``_CatalogueLSE.forward`` (keep, p given) up to rounding, and
+    the block width it used (rounded down to a multiple of 64, so that the group maxima of all blocks
+    line up and the top-k is taken once, over the whole catalogue): (lse, top ids or None, kept, step)."""
+    n = weight.shape[0]
+    step = max(_GROUP, step // _GROUP * _GROUP)
+    pc = p / beta
+    bias = bias.detach()  # as in warm_up: a requires_grad flag would make torch.compile recompile
+    w = weight if mm_dtype is None else weight.to(mm_dtype)  # one cast, not one per block
+    hp = h if mm_dtype is None else h.to(mm_dtype)
+    lse = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
+    y_all = torch.empty(h.shape[0], n, dtype=h.dtype, device=h.device)
+    kept, gmax = [], []
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        a, g = fused.run("dro_scores", hp @ w[c0:c1].t(), bias[c0:c1], pc[c0:c1], y_all[:, c0:c1])
+        gmax.append(g)
+        if excl is not None:
+            _exclude(a, excl, c0, c1)
+        e, m, part = fused.run("softmax_factors", a, y_all[:, c0:c1])
+        lse = torch.logaddexp(lse, part)
+        kept.append((e, m))
+    top = block_topk(y_all, topk, torch.cat(gmax, 1))[1] if topk else None
+    return lse, top, kept, step
+
+
 class _CatalogueLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, p, beta, excl, chunk, topk, mm_dtype):
+    def forward(ctx, h, weight, bias, p, beta, excl, chunk, topk, mm_dtype, use_fused=False):
         n = weight.shape[0]
         best_v = best_i = None
         step = item_block(h.shape[0], chunk)
@@ -128,7 +196,10 @@ class _CatalogueLSE(torch.autograd.Function):
         keep = chunk >= n
         kept = []
         lse = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
-        for c0 in range(0, n, step):
+        fused_pass = use_fused and keep and p is not None
+        if fused_pass:
+            lse, best_i, kept, step = _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype)
+        for c0 in range(0, 0 if fused_pass else n, step):
             c1 = min(n, c0 + step)
             y, a = _block_values(h, weight, bias, p, beta, excl, c0, c1, mm_dtype)
             if topk:  # top-k of the scores y, from the same matmul
@@ -175,10 +246,7 @@ class _CatalogueLSE(torch.autograd.Function):
                     wc = weight[c0:c1] if colf is None else weight[c0:c1] * colf[:, None]
                     gh.add_(precision.mm(e_mm, wc, dt) * rowf[:, None])
                 if need_w:
-                    if dt is None:
-                        torch.mm(e.t(), h * rowf[:, None], out=gw[c0:c1])
-                    else:
-                        gw[c0:c1] = precision.mm(e_mm.t(), h * rowf[:, None], dt)
+                    precision.mm_into(gw[c0:c1], e_mm.t(), h * rowf[:, None], dt)
                     if colf is not None:
                         gw[c0:c1].mul_(colf[:, None])
                 if need_b:
@@ -198,19 +266,16 @@ class _CatalogueLSE(torch.autograd.Function):
                 else:
                     gh.add_(precision.mm(dy, weight[c0:c1], dt))
             if need_w:
-                if dt is None:
-                    torch.mm(dy.t(), h, out=gw[c0:c1])
-                else:
-                    gw[c0:c1] = precision.mm(dy.t(), h, dt)
+                precision.mm_into(gw[c0:c1], dy.t(), h, dt)
             if need_b:
                 torch.sum(dy, 0, out=gb[c0:c1])
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def catalogue_logsumexp(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk: int = 65536,
                         p: torch.Tensor | None = None, beta: float = 1.0,
                         exclude: torch.Tensor | None = None, topk: int = 0,
-                        matmul_dtype: torch.dtype | None = None):
+                        matmul_dtype: torch.dtype | None = None, use_fused: bool = False):
     """log sum_j exp(a_j) per row, over all N items, in chunks of ``chunk`` items -> Float[B].
 
     a_j = y_j (scores y = h @ weight.T + bias) or, with ``p`` Float[N], a_j = p_j * y_j**2 / beta
@@ -219,11 +284,14 @@ def catalogue_logsumexp(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     ``topk`` > 0 also returns Long[B, topk], the ids of the best raw scores y, best first (with
     the DRO transform the excluded ids stay in; without it they are left out), computed from the same score blocks: ``(lse, top_ids)``.
     ``matmul_dtype``: dtype of the score products (None = fp32; see ``dllm2rec.precision``).
+    ``use_fused`` (``train.fast_step``): with ``p`` given and chunk >= N, the forward's elementwise
+    work runs in the compiled kernels of ``dllm2rec.losses.fused`` (same function, other rounding).
     """
     item_block(1, chunk)  # validates chunk
     if topk < 0 or topk > weight.shape[0]:
         raise ValueError(f"topk must lie in 0..{weight.shape[0]}, got {topk}")
-    return _CatalogueLSE.apply(h, weight, bias, p, float(beta), exclude, int(chunk), int(topk), matmul_dtype)
+    return _CatalogueLSE.apply(h, weight, bias, p, float(beta), exclude, int(chunk), int(topk), matmul_dtype,
+                               bool(use_fused))
 
 
 def chunked_cross_entropy(h, weight, bias, target, chunk: int = 65536,

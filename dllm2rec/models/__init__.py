@@ -19,11 +19,12 @@ __all__ = ["build_student", "GRU4Rec", "SASRec", "Caser", "InputEmbedding", "gat
 
 
 def build_student(model_cfg, n_items: int, llm_dim: int | None = None, ed_weight: float = 0.2,
-                  learnable_offset: bool = True, sparse_grad: bool = False) -> nn.Module:
+                  learnable_offset: bool = True, sparse_grad: bool = False, readout_only: bool = False) -> nn.Module:
     """Build the student named by ``model_cfg.name`` (a ``dllm2rec.config.ModelConfig``).
 
     ``llm_dim`` = teacher embedding width turns ED on; None builds a plain student.
     ``sparse_grad``: the item id embedding returns row-sparse gradients (``train.optimizer=lazy_adam``).
+    ``readout_only`` (SASRec; ``train.fast_step``): the last block runs for the read-out position only.
     """
     if n_items <= 0:
         raise ValueError(f"n_items must be positive, got {n_items}")
@@ -33,7 +34,7 @@ def build_student(model_cfg, n_items: int, llm_dim: int | None = None, ed_weight
         return GRU4Rec(n_items, model_cfg.hidden, **ed)
     if name == "sasrec":
         return SASRec(n_items, model_cfg.hidden, model_cfg.max_len, model_cfg.num_heads,
-                      model_cfg.num_blocks, model_cfg.dropout, **ed)
+                      model_cfg.num_blocks, model_cfg.dropout, readout_only=readout_only, **ed)
     if name == "caser":
         return Caser(n_items, model_cfg.hidden, model_cfg.max_len, tuple(model_cfg.caser_heights),
                      model_cfg.caser_filters, model_cfg.caser_vertical, model_cfg.dropout, **ed)

@@ -34,18 +34,28 @@ class _Attention(nn.Module):
         self.v = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, L, H = queries.shape
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                query_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """queries Float[B, Q, H], keys Float[B, L, H], valid Bool[B, L] -> Float[B, Q, H].
+
+        ``query_pos`` Long[B, Q]: the positions of the queries (default: Q = L, every position)."""
+        b, Q, H = queries.shape
+        L = keys.shape[1]
         h, d = self.heads, H // self.heads
-        q = self.q(queries).view(b, L, h, d).transpose(1, 2)  # [B, h, L, d]
+        q = self.q(queries).view(b, Q, h, d).transpose(1, 2)  # [B, h, Q, d]
         k = self.k(keys).view(b, L, h, d).transpose(1, 2)
         v = self.v(keys).view(b, L, h, d).transpose(1, 2)
-        logits = q @ k.transpose(-1, -2) / self.hidden ** 0.5  # [B, h, L, L]
-        causal = torch.ones(L, L, dtype=torch.bool, device=queries.device).tril()
+        logits = q @ k.transpose(-1, -2) / self.hidden ** 0.5  # [B, h, Q, L]
+        if query_pos is None:
+            causal = torch.ones(L, L, dtype=torch.bool, device=queries.device).tril()
+            q_valid = valid
+        else:  # key j is visible from query position p iff j <= p
+            causal = (torch.arange(L, device=queries.device) <= query_pos[:, :, None])[:, None]  # [B, 1, Q, L]
+            q_valid = valid.gather(1, query_pos)
         allowed = causal & valid[:, None, None, :]  # key padding + causality
         attn = torch.softmax(logits.masked_fill(~allowed, _NEG), dim=-1)
-        attn = attn * valid[:, None, :, None].to(attn.dtype)  # query mask
-        out = (self.dropout(attn) @ v).transpose(1, 2).reshape(b, L, H)
+        attn = attn * q_valid[:, None, :, None].to(attn.dtype)  # query mask
+        out = (self.dropout(attn) @ v).transpose(1, 2).reshape(b, Q, H)
         return out + queries
 
 
@@ -74,15 +84,21 @@ class _Block(nn.Module):
         self.ln_ff = nn.LayerNorm(hidden)
         self.ff = _FeedForward(hidden, dropout)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.ln_q(x), x, valid)
-        return self.ff(self.ln_ff(a)) * valid.unsqueeze(-1).to(x.dtype)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, query_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x Float[B, L, H] -> Float[B, L, H], or Float[B, Q, H] for the ``query_pos`` Long[B, Q] rows only."""
+        if query_pos is None:
+            a = self.attn(self.ln_q(x), x, valid)
+            return self.ff(self.ln_ff(a)) * valid.unsqueeze(-1).to(x.dtype)
+        xq = x.gather(1, query_pos[:, :, None].expand(-1, -1, x.shape[-1]))
+        a = self.attn(self.ln_q(xq), x, valid, query_pos)
+        return self.ff(self.ln_ff(a)) * valid.gather(1, query_pos).unsqueeze(-1).to(x.dtype)
 
 
 class SASRec(nn.Module):
     def __init__(self, n_items: int, hidden: int = 64, max_len: int = 10, num_heads: int = 1,
                  num_blocks: int = 1, dropout: float = 0.1, llm_dim: int | None = None,
-                 ed_weight: float = 0.2, learnable_offset: bool = True, sparse_grad: bool = False):
+                 ed_weight: float = 0.2, learnable_offset: bool = True, sparse_grad: bool = False,
+                 readout_only: bool = False):
         super().__init__()
         self.n_items = n_items
         self.hidden = hidden
@@ -94,6 +110,10 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(_Block(hidden, num_heads, dropout) for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(hidden)
         self.output = nn.Linear(hidden, n_items)
+        # True: the last block computes only the read-out position (a tenth of its work at L = 10).
+        # Same function in exact arithmetic, but fp32 rounding and the dropout draws differ from
+        # the all-positions path, so it is off unless the run asks for it (train.fast_step).
+        self.readout_only = readout_only
 
     def encode(self, history: torch.Tensor, lengths: torch.Tensor, llm_hist: torch.Tensor | None = None,
                **ed_inputs) -> torch.Tensor:
@@ -104,11 +124,15 @@ class SASRec(nn.Module):
         valid = history < self.n_items
         x = self.embed(history, llm_hist, **ed_inputs) + self.positions.weight[:L]
         x = self.emb_dropout(x) * valid.unsqueeze(-1).to(x.dtype)
-        for block in self.blocks:
+        last = (lengths.clamp(min=1) - 1).view(-1, 1)
+        for i, block in enumerate(self.blocks):
+            if self.readout_only and i == len(self.blocks) - 1:
+                # Only the read-out position of the last block is used: its query alone, against
+                # every key (same function; different rounding and dropout draws, see __init__).
+                return self.final_norm(block(x, valid, last)).squeeze(1)
             x = block(x, valid)
         x = self.final_norm(x)
-        last = (lengths.clamp(min=1) - 1).view(-1, 1, 1).expand(-1, 1, x.shape[-1])
-        return x.gather(1, last).squeeze(1)
+        return x.gather(1, last[:, :, None].expand(-1, 1, x.shape[-1])).squeeze(1)
 
     def forward(self, history, lengths, llm_hist=None, **ed_inputs) -> torch.Tensor:
         return self.output(self.encode(history, lengths, llm_hist, **ed_inputs))

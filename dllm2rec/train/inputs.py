@@ -47,6 +47,7 @@ def load_inputs(cfg: RunConfig) -> Inputs:
         splits[name] = sample_rows(splits[name], n, cfg.eval.sample_seed, name)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg.model, dataset.n_items, teacher.emb_dim if (teacher is not None and ed.enabled) else None,
-                            ed.weight, ed.learnable_offset, sparse_grad=cfg.train.optimizer == "lazy_adam")
+                            ed.weight, ed.learnable_offset, sparse_grad=cfg.train.optimizer == "lazy_adam",
+                            readout_only=cfg.train.fast_step)
     llm_table = teacher.embeddings if (teacher is not None and ed.enabled) else None
     return Inputs(dataset, teacher, splits, student, llm_table)

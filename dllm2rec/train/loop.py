@@ -144,6 +144,10 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
                                  rng_states=rng, state=position_state, config_text=config_text, inputs=inputs_digest)
         barrier(accelerator)
 
+    # One-off kernel compilation (train.fast_step) before the clock of the first epoch starts.
+    order0 = epoch_order(cfg.train.seed, 0, n_rows)
+    compile_seconds = objective.prepare({len(shard(global_batch(order0, s, cfg.train.batch_size), rank, world))
+                                         for s in (0, n_steps - 1)}, device)
     t_start = time.time()
     while state["epoch"] < cfg.train.epochs and state["stopped"] is None:
         epoch = state["epoch"]
@@ -207,6 +211,7 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
         "eval_rows": {name: len(splits[name]) for name in ("valid", "test")},
         "epochs_run": state["epoch"], "stopped": state["stopped"] or "max epochs reached",
         "world_size": world, "seconds_this_process": round(time.time() - t_start, 3),
+        "compile_seconds": round(compile_seconds, 3),
         "param_digest": digests[0], "params_identical_across_ranks": len(set(digests)) == 1,
     }
     if main:

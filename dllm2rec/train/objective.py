@@ -62,12 +62,29 @@ class StepObjective:
             # 6.2 ms a step (BENCHMARKS.md). Costs one bf16 copy of the table (the teacher keeps its own).
             self.llm_table = self.llm_table.to(self.mm_dtype)
         self.rd_k = cfg.distill.rd.k if cfg.distill.rd.enabled else 0
+        # train.fast_step: the target / negative / candidate logits come from one gather. Each
+        # separate gather's backward builds and sums a dense [N, H] gradient; merging them changes
+        # the order of the fp32 gradient sums, so the default keeps them separate (bit-identical
+        # to runs made before the option).
+        self.merge_gathers = cfg.train.fast_step
+        self.fused = cfg.train.fast_step  # compiled elementwise kernels in the DRO catalogue pass (losses/fused.py)
         # lazy_adam: gathers of the output layer return row-sparse gradients (the optimiser then
         # touches only the batch's rows; a full-catalogue term still makes the gradient dense).
         self.sparse = cfg.train.optimizer == "lazy_adam"
         # Optional ``timer(name)`` context manager: ``bench train --profile`` times the sections
         # "forward: encoder", "forward: DRO catalogue pass" and "forward: RD" with it.
         self.timer = None
+
+    def prepare(self, batch_rows, device=None) -> float:
+        """One-off work before the first step: with ``train.fast_step``, compile the fused kernels of
+        the DRO pass for the score blocks of batches of ``batch_rows`` rows (``losses.fused.warm_up``).
+        Returns the seconds spent (0.0 when there is nothing to do)."""
+        if not (self.fused and self.dro_p is not None and self.cfg.loss.item_chunk >= self.n_items):
+            return 0.0
+        from dllm2rec.losses import fused
+
+        shapes = set().union(*(softmax.fused_blocks(r, self.n_items, self.cfg.loss.item_chunk) for r in batch_rows))
+        return fused.warm_up(sorted(shapes), self.n_items, self.mm_dtype, device)
 
     def _section(self, name: str):
         return contextlib.nullcontext() if self.timer is None else self.timer(name)
@@ -82,10 +99,16 @@ class StepObjective:
         terms: dict[str, torch.Tensor] = {}
         neg_logits = None
         obj = cfg.loss.objective
+        sel = None  # merged gather: columns [target, negative, teacher candidates...]
         if obj == "bce":
             neg = losses.sample_negatives(batch.history, batch.target, self.n_items, generator=generator)
-            pos_logits = softmax.gather_logits(h, weight, bias, batch.target, self.sparse)
-            neg_logits = softmax.gather_logits(h, weight, bias, neg, self.sparse)
+            if self.merge_gathers:
+                cols = [batch.target[:, None], neg[:, None]] + ([batch.cand] if self.rd_k else [])
+                sel = softmax.gather_logits(h, weight, bias, torch.cat(cols, 1), self.sparse, fast=True)
+                pos_logits, neg_logits = sel[:, 0], sel[:, 1]
+            else:
+                pos_logits = softmax.gather_logits(h, weight, bias, batch.target, self.sparse)
+                neg_logits = softmax.gather_logits(h, weight, bias, neg, self.sparse)
             terms["bce"] = losses.bce_loss(pos_logits, neg_logits)
         elif obj == "ce" and not self.rd_k:
             terms["ce"] = softmax.chunked_cross_entropy(h, weight, bias, batch.target, chunk, self.mm_dtype)
@@ -98,19 +121,22 @@ class StepObjective:
             # One catalogue pass serves the target and (official RD) every teacher candidate.
             official = self.rd_k and cfg.distill.rd.variant == "official" and obj == "bce"
             cols = torch.cat([batch.target[:, None], batch.cand], 1) if official else batch.target[:, None]
+            y = None if sel is None else (torch.cat([sel[:, :1], sel[:, 2:]], 1) if official else sel[:, :1])
             # With RD on, the same score pass also yields the student's top-k (consistency weight).
             with self._section("forward: DRO catalogue pass"):
                 out = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk,
-                                      topk=self.rd_k, matmul_dtype=self.mm_dtype)
+                                      topk=self.rd_k, matmul_dtype=self.mm_dtype, y=y, use_fused=self.fused)
             dro, top = out if self.rd_k else (out, None)
             terms["dro"] = alpha * dro[:, 0].mean()
             dro_cand = dro[:, 1:] if official else None
         if self.rd_k:
             with self._section("forward: RD"):
-                terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand, top))
+                cand_logits = None if sel is None else sel[:, 2:]
+                terms.update(self._rd(h, weight, bias, batch, neg_logits, dro_cand, top, cand_logits))
         return terms
 
-    def _rd(self, h, weight, bias, batch: Batch, neg_logits, dro_cand, top) -> dict[str, torch.Tensor]:
+    def _rd(self, h, weight, bias, batch: Batch, neg_logits, dro_cand, top,
+            cand_logits=None) -> dict[str, torch.Tensor]:
         cfg, rd = self.cfg, self.cfg.distill.rd
         chunk = cfg.loss.item_chunk
         with torch.no_grad():
@@ -127,7 +153,8 @@ class StepObjective:
             # Softmax students: the teacher candidates smooth the one-hot target (see softmax.soft_target_ce).
             return {"ce": softmax.soft_target_ce(h, weight, bias, batch.target, batch.cand, w, rd.soft_target_mix, chunk,
                                                  self.mm_dtype)}
-        cand_logits = softmax.gather_logits(h, weight, bias, batch.cand, self.sparse)
+        if cand_logits is None:
+            cand_logits = softmax.gather_logits(h, weight, bias, batch.cand, self.sparse)
         if rd.variant == "paper":
             return {"rd": rd.lam * distill.rd_loss_paper(cand_logits, w)}
         if neg_logits is None:
