@@ -62,7 +62,7 @@ def profile_steps(cfg, steps: int, warmup: int = 2) -> dict:
     inputs = load_inputs(cfg)
     student, train = inputs.student, inputs.splits["train"]
     objective = StepObjective(cfg, inputs.dataset.n_items, train.target, inputs.teacher)
-    encoder = Encoder(student, objective.mm_dtype, keep_rows=cfg.train.fast_step)
+    encoder = Encoder(student, objective.mm_dtype)
     optimizer = make_optimizer(encoder, cfg)
     order = epoch_order(cfg.train.seed, 0, len(train))
     n_steps = min(steps + warmup, -(-len(train) // cfg.train.batch_size))

@@ -3,7 +3,7 @@
 In eager mode each B x C block of catalogue scores goes through ~10 separate elementwise sweeps
 (bias, square, popularity factor, maxima, subtract, exp, sum, times y), each a pass over 4 MiB
 and most into a freshly allocated buffer. Here they are two functions that Inductor turns into
-a few generated loops:
+two generated loops:
 
 - ``dro_scores(prod, bias, pc, y_out)`` -> ``(a, group_max)``: y = prod + bias (prod = the block's
   matrix product, fp32 or bf16) written into ``y_out`` (a slice of one [B, N] buffer, so that the
@@ -11,9 +11,6 @@ a few generated loops:
   transform), and the maxima of y over groups of ``GROUP`` columns (for ``softmax.block_topk``);
 - ``softmax_factors(a, y)`` -> ``(e, m, lse)``: m = row max of a (0 for an all -inf row),
   e = exp(a - m) * y (the factor the catalogue backward needs), lse = m + log(sum exp(a - m)).
-
-and, in the backward with reduced-precision products, ``backward_factors(e, rowf, dtype)`` ->
-the ``dtype`` copy of e for both products and the bias gradient's column sums in one pass.
 
 The arithmetic is the eager path's in exact arithmetic; the generated code rounds differently
 (e.g. its own exp), which is why only ``train.fast_step`` uses it. Each function is compiled once
@@ -54,12 +51,7 @@ def softmax_factors(a: torch.Tensor, y: torch.Tensor):
     return e * y, m, m + torch.log(e.sum(1))
 
 
-def backward_factors(e: torch.Tensor, rowf: torch.Tensor, dtype: torch.dtype):
-    """e Float[B, C], rowf Float[B] -> (e in ``dtype`` for the backward products, Float[C] sum_b rowf[b] e[b, :])."""
-    return e.to(dtype), (e * rowf[:, None]).sum(0)
-
-
-_EAGER = {"dro_scores": dro_scores, "softmax_factors": softmax_factors, "backward_factors": backward_factors}
+_EAGER = {"dro_scores": dro_scores, "softmax_factors": softmax_factors}
 _RUN: dict = {}  # name -> the compiled function, or the eager one after a failed compile
 
 
@@ -93,9 +85,7 @@ def warm_up(shapes, n: int, prod_dtype: torch.dtype | None = None, device=None) 
             y_all = torch.empty(rows, n, device=device)
             a, _ = run("dro_scores", prod, torch.zeros(width, device=device), torch.ones(width, device=device),
                        y_all[:, :width])
-            e, _, _ = run("softmax_factors", a, y_all[:, :width])
-            if prod_dtype is not None:
-                run("backward_factors", e, torch.ones(rows, device=device), prod_dtype)
+            run("softmax_factors", a, y_all[:, :width])
     return time.perf_counter() - t
 
 

@@ -215,7 +215,7 @@ class _CatalogueLSE(torch.autograd.Function):
             else:
                 lse = torch.logaddexp(lse, torch.logsumexp(a, 1))
         ctx.save_for_backward(h, weight, bias, p, excl, lse)
-        ctx.beta, ctx.step, ctx.kept, ctx.mm_dtype, ctx.fused = beta, step, kept, mm_dtype, fused_pass
+        ctx.beta, ctx.step, ctx.kept, ctx.mm_dtype = beta, step, kept, mm_dtype
         if topk:
             ctx.mark_non_differentiable(best_i)
             return lse, best_i
@@ -239,14 +239,8 @@ class _CatalogueLSE(torch.autograd.Function):
                 # dy = rowf[:, None] * e * colf[None, :]; both factors are applied on the small
                 # [B, H] / [C, H] side of the matmuls, so no extra pass over the B x C block.
                 e, m = kept[i]
+                e_mm = e if dt is None else e.to(dt)  # one cast for both products below (same values)
                 rowf = g * torch.exp(m - lse)
-                col_sum = None  # sum_b rowf[b] e[b, :], the bias gradient before the column factor
-                if dt is None:
-                    e_mm = e
-                elif ctx.fused:  # one pass: the reduced copy of e for both products, and col_sum
-                    e_mm, col_sum = fused.run("backward_factors", e, rowf, dt)
-                else:
-                    e_mm = e.to(dt)  # one cast for both products below (same values)
                 colf = None if p is None else p[c0:c1] * (2.0 / ctx.beta)
                 if need_h:
                     wc = weight[c0:c1] if colf is None else weight[c0:c1] * colf[:, None]
@@ -256,10 +250,7 @@ class _CatalogueLSE(torch.autograd.Function):
                     if colf is not None:
                         gw[c0:c1].mul_(colf[:, None])
                 if need_b:
-                    if col_sum is None:
-                        torch.mv(e.t(), rowf, out=gb[c0:c1])
-                    else:
-                        gb[c0:c1] = col_sum
+                    torch.mv(e.t(), rowf, out=gb[c0:c1])
                     if colf is not None:
                         gb[c0:c1].mul_(colf)
                 continue

@@ -37,16 +37,7 @@ class _GatherProject(torch.autograd.Function):
     ``mm_dtype`` (``dllm2rec.precision``): None = fp32 products, else both products in that dtype."""
 
     @staticmethod
-    def forward(ctx, table, ids, weight, bias, mm_dtype=None, keep_rows=False):
-        if keep_rows:
-            # train.fast_step: one gather and one product, the gathered rows kept for the weight
-            # gradient (no second gather; [U, d] stays alive until backward, ~20 MB in bf16).
-            z = table.index_select(0, ids)
-            z = z.to(weight.dtype) if mm_dtype is None else z
-            ctx.save_for_backward(ids)
-            ctx.table, ctx.mm_dtype, ctx.rows = None, mm_dtype, z
-            wt = weight.t() if mm_dtype is None else weight.t().to(mm_dtype)
-            return precision.addmm(bias, z, wt, mm_dtype)
+    def forward(ctx, table, ids, weight, bias, mm_dtype=None):
         out = torch.empty(ids.numel(), weight.shape[0], dtype=weight.dtype, device=weight.device)
         wt = weight.t() if mm_dtype is None else weight.t().to(mm_dtype)  # cast once, not per slice
         for i in range(0, ids.numel(), _GATHER_ROWS):
@@ -57,18 +48,15 @@ class _GatherProject(torch.autograd.Function):
                 z = table.index_select(0, ids[i:i + _GATHER_ROWS])
                 out[i:i + _GATHER_ROWS] = precision.addmm(bias, z, wt, mm_dtype)
         ctx.save_for_backward(ids)
-        ctx.table, ctx.mm_dtype, ctx.rows = table, mm_dtype, None
+        ctx.table, ctx.mm_dtype = table, mm_dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
         (ids,) = ctx.saved_tensors
         table, ctx.table = ctx.table, None
-        rows, ctx.rows = ctx.rows, None
         gw = gb = None
-        if ctx.needs_input_grad[2] and rows is not None:
-            gw = precision.mm(g.t(), rows, ctx.mm_dtype)
-        elif ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:
             gw = torch.zeros(g.shape[1], table.shape[1], dtype=g.dtype, device=g.device)
             for i in range(0, ids.numel(), _GATHER_ROWS):
                 if ctx.mm_dtype is None:
@@ -79,7 +67,7 @@ class _GatherProject(torch.autograd.Function):
                     gw.add_(precision.mm(g[i:i + _GATHER_ROWS].t(), z, ctx.mm_dtype))
         if ctx.needs_input_grad[3]:
             gb = g.sum(0)
-        return None, None, gw, gb, None, None
+        return None, None, gw, gb, None
 
 
 def gather_history(table: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -115,12 +103,11 @@ class InputEmbedding(nn.Module):
     def forward(self, history: torch.Tensor, llm_hist: torch.Tensor | None = None,
                 llm_table: torch.Tensor | None = None,
                 llm_hist_projected: torch.Tensor | None = None,
-                matmul_dtype: torch.dtype | None = None, keep_rows: bool = False) -> torch.Tensor:
+                matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         """history Long[B, L] -> Float[B, L, H] (padding positions hold ID_emb(N) or zeros).
 
         ``matmul_dtype`` (``train.matmul_dtype`` via ``dllm2rec.precision``): dtype of the ED
-        projection's products; None (default) = fp32. ``keep_rows`` (``train.fast_step``): the
-        batch's teacher rows are gathered once, projected by one product and kept for backward."""
+        projection's products; None (default) = fp32."""
         out = self.item(history) if self.item is not None else None
         if self.llm_proj is None:
             if llm_hist is not None or llm_table is not None or llm_hist_projected is not None:
@@ -146,8 +133,7 @@ class InputEmbedding(nn.Module):
             if llm_table.requires_grad:  # not the frozen-teacher case: plain autograd
                 proj = precision.linear(llm_table[uniq], self.llm_proj.weight, self.llm_proj.bias, matmul_dtype)
             else:
-                proj = _GatherProject.apply(llm_table, uniq, self.llm_proj.weight, self.llm_proj.bias, matmul_dtype,
-                                            keep_rows)
+                proj = _GatherProject.apply(llm_table, uniq, self.llm_proj.weight, self.llm_proj.bias, matmul_dtype)
             proj = proj[inverse]
         proj = self.ed_weight * (proj * valid.to(proj.dtype))
         return proj if out is None else out + proj

@@ -102,7 +102,7 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     if n_steps == 0:  # refused before anything is written to the run folder
         raise ConfigError(f"{cfg.data.path}: {n_rows} training rows give no batch")
     objective = StepObjective(cfg, inputs.dataset.n_items, splits["train"].target, inputs.teacher)
-    encoder = Encoder(student, objective.mm_dtype, keep_rows=cfg.train.fast_step)
+    encoder = Encoder(student, objective.mm_dtype)
     optimizer = make_optimizer(encoder, cfg)
     configure_deepspeed_batch(accelerator, cfg.train.batch_size // world, cfg.train.batch_size)
     if manual_sync:

@@ -27,22 +27,19 @@ from dllm2rec.train.batches import Batch
 class Encoder(nn.Module):
     """Wraps a student so that ``forward`` returns ``encode(...)`` -> Float[B, H] (not [B, N]).
 
-    ``matmul_dtype`` (None = fp32): dtype of the ED projection's products (``train.matmul_dtype``).
-    ``keep_rows`` (``train.fast_step``): the ED projection gathers the teacher rows once and keeps them."""
+    ``matmul_dtype`` (None = fp32): dtype of the ED projection's products (``train.matmul_dtype``)."""
 
-    def __init__(self, student: nn.Module, matmul_dtype: torch.dtype | None = None, keep_rows: bool = False):
+    def __init__(self, student: nn.Module, matmul_dtype: torch.dtype | None = None):
         super().__init__()
         self.student = student
         self.matmul_dtype = matmul_dtype
-        self.keep_rows = keep_rows
 
     def forward(self, history, lengths, llm_table=None):
         if llm_table is None:
             return self.student.encode(history, lengths)
-        kw = {} if self.matmul_dtype is None else {"matmul_dtype": self.matmul_dtype}
-        if self.keep_rows:
-            kw["keep_rows"] = True
-        return self.student.encode(history, lengths, llm_table=llm_table, **kw)
+        if self.matmul_dtype is None:
+            return self.student.encode(history, lengths, llm_table=llm_table)
+        return self.student.encode(history, lengths, llm_table=llm_table, matmul_dtype=self.matmul_dtype)
 
 
 class StepObjective:
