@@ -39,17 +39,12 @@ class _SparseRows(torch.autograd.Function):
         return torch.sparse_coo_tensor(flat, values, ctx.shape, check_invariants=False), None
 
 
-class _AddRows(torch.autograd.Function):
-    """``param[ids]`` whose dense gradient is built with ``index_add_`` (``train.fast_step``).
+class _AddRows(_SparseRows):
+    """``param[ids]`` whose dense gradient is built with ``index_add_`` (``train.fast_step``; the
+    forward is ``_SparseRows``'s).
 
     Plain indexing scatters its gradient with an accumulating ``index_put_``, which on CPU is ~8x
     slower for a few thousand rows; ``index_add_`` sums repeated ids in another order (rounding)."""
-
-    @staticmethod
-    def forward(ctx, param, ids):
-        ctx.shape = param.shape
-        ctx.save_for_backward(ids)
-        return param[ids]
 
     @staticmethod
     def backward(ctx, g):
