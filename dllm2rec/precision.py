@@ -40,11 +40,6 @@ def mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Ten
     return torch.mm(a.to(dtype), b.to(dtype)).to(torch.float32)
 
 
-def product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """a @ b left in ``dtype`` (fp32 when None): for callers that add the bias in fp32 themselves."""
-    return a @ b if dtype is None else torch.mm(a.to(dtype), b.to(dtype))
-
-
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """``out[...] = a @ b`` (``out`` fp32, e.g. a slice of a gradient buffer); returns ``out``.
 

@@ -146,20 +146,48 @@ def _exclude(a, excl, c0: int, c1: int) -> None:
         a[rows, excl[rows, cols] - c0] = float("-inf")
 
 
+def _fused_step(rows: int, chunk: int) -> int:
+    """Block width of the fused pass: ``item_block`` rounded down to a multiple of 64, so that the
+    group maxima of all blocks line up and the top-k is taken once, over the whole catalogue."""
+    return max(_GROUP, item_block(rows, chunk) // _GROUP * _GROUP)
+
+
 def fused_blocks(rows: int, n: int, chunk: int) -> set[tuple[int, int]]:
     """The (rows, width) score blocks of a fused catalogue pass over n items (``fused.warm_up``)."""
-    step = max(_GROUP, item_block(rows, chunk) // _GROUP * _GROUP)
+    step = _fused_step(rows, chunk)
     return {(rows, min(step, n))} | ({(rows, n % step)} if n % step and n > step else set())
+
+
+def _eager_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype, keep):
+    """The catalogue forward block by block -> (lse Float[B], top ids or None, kept factors)."""
+    n = weight.shape[0]
+    best_v = best_i = None
+    kept = []
+    lse = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        y, a = _block_values(h, weight, bias, p, beta, excl, c0, c1, mm_dtype)
+        if topk:  # top-k of the scores y, from the same matmul
+            best_v, best_i = merge_topk(best_v, best_i, y, c0, topk)
+        if keep:
+            m = a.amax(1)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            e = a.sub_(m[:, None]).exp_()  # a is not needed again (y's top-k is already taken)
+            lse = torch.logaddexp(lse, m + e.sum(1).log())
+            if p is not None:
+                e.mul_(y)  # d a / d y = 2 p y / beta: the column factor is applied in backward
+            kept.append((e, m))
+        else:
+            lse = torch.logaddexp(lse, torch.logsumexp(a, 1))
+    return lse, best_i, kept
 
 
 def _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
     """The kept-factor DRO forward with the elementwise work in ``fused`` kernels (``train.fast_step``).
 
-    Same outputs as the eager loop of ``_CatalogueLSE.forward`` (keep, p given) up to rounding, and
-    the block width it used (rounded down to a multiple of 64, so that the group maxima of all blocks
-    line up and the top-k is taken once, over the whole catalogue): (lse, top ids or None, kept, step)."""
+    Same outputs as ``_eager_forward`` (keep, p given) up to rounding; ``step`` from ``_fused_step``:
+    (lse, top ids or None, kept)."""
     n = weight.shape[0]
-    step = max(_GROUP, step // _GROUP * _GROUP)
     pc = p / beta
     bias = bias.detach()  # as in warm_up: a requires_grad flag would make torch.compile recompile
     w = weight if mm_dtype is None else weight.to(mm_dtype)  # one cast, not one per block
@@ -177,38 +205,21 @@ def _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
         lse = torch.logaddexp(lse, part)
         kept.append((e, m))
     top = block_topk(y_all, topk, torch.cat(gmax, 1))[1] if topk else None
-    return lse, top, kept, step
+    return lse, top, kept
 
 
 class _CatalogueLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, p, beta, excl, chunk, topk, mm_dtype, use_fused=False):
-        n = weight.shape[0]
-        best_v = best_i = None
-        step = item_block(h.shape[0], chunk)
         # chunk >= N: the caller allows B x N floats, so keep each block's unnormalised softmax
         # (times y for DRO) for backward instead of recomputing the block's scores.
-        keep = chunk >= n
-        kept = []
-        lse = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
-        fused_pass = use_fused and keep and p is not None
-        if fused_pass:
-            lse, best_i, kept, step = _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype)
-        for c0 in range(0, 0 if fused_pass else n, step):
-            c1 = min(n, c0 + step)
-            y, a = _block_values(h, weight, bias, p, beta, excl, c0, c1, mm_dtype)
-            if topk:  # top-k of the scores y, from the same matmul
-                best_v, best_i = merge_topk(best_v, best_i, y, c0, topk)
-            if keep:
-                m = a.amax(1)
-                m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-                e = a.sub_(m[:, None]).exp_()  # a is not needed again (y's top-k is already taken)
-                lse = torch.logaddexp(lse, m + e.sum(1).log())
-                if p is not None:
-                    e.mul_(y)  # d a / d y = 2 p y / beta: the column factor is applied in backward
-                kept.append((e, m))
-            else:
-                lse = torch.logaddexp(lse, torch.logsumexp(a, 1))
+        keep = chunk >= weight.shape[0]
+        if use_fused and keep and p is not None:
+            step = _fused_step(h.shape[0], chunk)
+            lse, best_i, kept = _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype)
+        else:
+            step = item_block(h.shape[0], chunk)
+            lse, best_i, kept = _eager_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype, keep)
         ctx.save_for_backward(h, weight, bias, p, excl, lse)
         ctx.beta, ctx.step, ctx.kept, ctx.mm_dtype = beta, step, kept, mm_dtype
         if topk:

@@ -66,8 +66,8 @@ class StepObjective:
         # separate gather's backward builds and sums a dense [N, H] gradient; merging them changes
         # the order of the fp32 gradient sums, so the default keeps them separate (bit-identical
         # to runs made before the option).
-        self.merge_gathers = cfg.train.fast_step
-        self.fused = cfg.train.fast_step  # compiled elementwise kernels in the DRO catalogue pass (losses/fused.py)
+        # It also runs the DRO pass's elementwise work in compiled kernels (losses/fused.py).
+        self.fast_step = cfg.train.fast_step
         # lazy_adam: gathers of the output layer return row-sparse gradients (the optimiser then
         # touches only the batch's rows; a full-catalogue term still makes the gradient dense).
         self.sparse = cfg.train.optimizer == "lazy_adam"
@@ -79,7 +79,7 @@ class StepObjective:
         """One-off work before the first step: with ``train.fast_step``, compile the fused kernels of
         the DRO pass for the score blocks of batches of ``batch_rows`` rows (``losses.fused.warm_up``).
         Returns the seconds spent (0.0 when there is nothing to do)."""
-        if not (self.fused and self.dro_p is not None and self.cfg.loss.item_chunk >= self.n_items):
+        if not (self.fast_step and self.dro_p is not None and self.cfg.loss.item_chunk >= self.n_items):
             return 0.0
         from dllm2rec.losses import fused
 
@@ -102,7 +102,7 @@ class StepObjective:
         sel = None  # merged gather: columns [target, negative, teacher candidates...]
         if obj == "bce":
             neg = losses.sample_negatives(batch.history, batch.target, self.n_items, generator=generator)
-            if self.merge_gathers:
+            if self.fast_step:
                 cols = [batch.target[:, None], neg[:, None]] + ([batch.cand] if self.rd_k else [])
                 sel = softmax.gather_logits(h, weight, bias, torch.cat(cols, 1), self.sparse, fast=True)
                 pos_logits, neg_logits = sel[:, 0], sel[:, 1]
@@ -125,7 +125,7 @@ class StepObjective:
             # With RD on, the same score pass also yields the student's top-k (consistency weight).
             with self._section("forward: DRO catalogue pass"):
                 out = losses.dro_loss(h, weight, bias, cols, self.dro_p.to(h.device), cfg.loss.dro_beta, chunk,
-                                      topk=self.rd_k, matmul_dtype=self.mm_dtype, y=y, use_fused=self.fused)
+                                      topk=self.rd_k, matmul_dtype=self.mm_dtype, y=y, use_fused=self.fast_step)
             dro, top = out if self.rd_k else (out, None)
             terms["dro"] = alpha * dro[:, 0].mean()
             dro_cand = dro[:, 1:] if official else None
