@@ -66,6 +66,12 @@ def _dtype_args(args) -> tuple[str, ...]:
     return () if dtype == "float32" else ("--matmul-dtype", dtype)
 
 
+def _fast_note(args) -> str:
+    if not getattr(args, "fast_step", False):
+        return ""
+    return ", both with train.fast_step=true" if getattr(args, "old_fast_step", False) else ", new with train.fast_step=true"
+
+
 def compare_revisions(args) -> tuple[str, dict]:
     root = repo_root()
     runs: dict[str, dict[str, list[float]]] = {"old": {"epoch": [], "eval": []}, "new": {"epoch": [], "eval": []}}
@@ -76,7 +82,8 @@ def compare_revisions(args) -> tuple[str, dict]:
         for i in range(args.repeats):
             for tag in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 loads.append(round(os.getloadavg()[0], 2))
-                fast = ("--fast-step",) if tag == "new" and getattr(args, "fast_step", False) else ()
+                fast = ("--fast-step",) if getattr(args, "fast_step", False) and (
+                    tag == "new" or getattr(args, "old_fast_step", False)) else ()
                 r = measure_tree(trees[tag], args, Path(tmp) / f"{tag}{i}.md", _dtype_args(args) + fast)
                 runs[tag]["epoch"].append(r["epoch_median"])
                 runs[tag]["eval"].append(r["eval_median"])
@@ -88,7 +95,7 @@ def compare_revisions(args) -> tuple[str, dict]:
              f"Command: `python -m dllm2rec {' '.join(sys.argv[1:])}`  ",
              f"old = {args.compare} ({commit[:12]}), new = this working tree; {args.repeats} alternating pairs, "
              f"threads {args.threads or 'default'}, train.matmul_dtype {getattr(args, 'matmul_dtype', 'float32')}"
-             f"{', new with train.fast_step=true' if getattr(args, 'fast_step', False) else ''}; "
+             f"{_fast_note(args)}; "
              f"1-minute load average before each run: "
              f"{', '.join(str(x) for x in loads)}", "",
              "| measurement | old median (s) | new median (s) | old / new | old runs (s) | new runs (s) |",

@@ -14,7 +14,7 @@ REF (exported with ``git archive`` into a temporary folder) and this working tre
 one subprocess per measurement (1 epoch + 1 evaluation each), alternating old and new, so both see
 the same background load; reports the medians and the old/new ratios (``dllm2rec.bench.compare``).
 ``--matmul-dtype`` sets ``train.matmul_dtype`` of the measured run (``dllm2rec.precision``);
-``--fast-step`` sets ``train.fast_step`` (with ``--compare``: of this tree only);
+``--fast-step`` sets ``train.fast_step`` (with ``--compare``: of this tree only, and of REF too with ``--old-fast-step``);
 ``--compare-precision`` measures float32 and bfloat16 of this tree the same way (alternating
 subprocesses, at each of ``--compare-threads``) and how far bfloat16 evaluation ranks differ from
 fp32 ranks of the same trained weights (``--rank-agreement``).
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast-step", action="store_true",
                         help="train.fast_step=true for the measured run (with --compare: for this tree only, "
                              "REF may predate the key)")
+    parser.add_argument("--old-fast-step", action="store_true",
+                        help="with --compare and --fast-step: REF's runs get train.fast_step=true too (REF must "
+                             "have the key), so two fast-step versions are measured side by side")
     parser.add_argument("--compare-precision", action="store_true",
                         help="measure matmul dtype float32 and bfloat16 side by side (alternating subprocesses)")
     parser.add_argument("--compare-threads", default=None, metavar="LIST",

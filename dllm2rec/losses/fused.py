@@ -1,23 +1,26 @@
-"""Fused elementwise kernels of the DRO catalogue pass (``train.fast_step``), compiled by torch.compile.
+"""Fused elementwise kernel of the DRO catalogue pass (``train.fast_step``), compiled by torch.compile.
 
 In eager mode each B x C block of catalogue scores goes through ~10 separate elementwise sweeps
 (bias, square, popularity factor, maxima, subtract, exp, sum, times y), each a pass over 4 MiB
-and most into a freshly allocated buffer. Here they are two functions that Inductor turns into
-two generated loops:
+and most into a freshly allocated buffer. On a 2-core CPU that pass is bound by memory traffic,
+not arithmetic, so here it is ONE function that Inductor turns into one generated loop nest which
+reads the block's matrix product twice and writes only what backward needs:
 
-- ``dro_scores(prod, bias, pc, y_out)`` -> ``(a, group_max)``: y = prod + bias (prod = the block's
-  matrix product, fp32 or bf16) written into ``y_out`` (a slice of one [B, N] buffer, so that the
-  student's top-k is taken once over the whole catalogue), a = y * y * pc (pc = p / beta, the DRO
-  transform), and the maxima of y over groups of ``GROUP`` columns (for ``softmax.block_topk``);
-- ``softmax_factors(a, y)`` -> ``(e, m, lse)``: m = row max of a (0 for an all -inf row),
-  e = exp(a - m) * y (the factor the catalogue backward needs), lse = m + log(sum exp(a - m)).
+- ``dro_block(prod, bias, pc)`` -> ``(e, group_max, m, lse)``: y = prod + bias (prod = the block's
+  matrix product, fp32 or bf16, with NaN marking the row's excluded ids), a = y * y * pc (pc =
+  p / beta, the DRO transform; -inf where excluded), m = row max of a (0 for an all -inf row),
+  e = exp(a - m) * y (0 where excluded; the factor the catalogue backward needs, stored in the
+  product's dtype since backward's products use that dtype anyway), lse = m + log(sum exp(a - m)),
+  and group_max = maxima of y over groups of ``GROUP`` columns, excluded ids left out (for the
+  student's top-k, ``softmax._fused_topk``).
 
 The arithmetic is the eager path's in exact arithmetic; the generated code rounds differently
-(e.g. its own exp), which is why only ``train.fast_step`` uses it. Each function is compiled once
-per process, with dynamic shapes (block widths and batch sizes vary), and Inductor keeps the
-generated code in its on-disk cache, so later processes only load it. Where compiling fails (no
-C++ compiler, an unsupported platform) the eager versions run, after one warning: the results are
-the same function, only slower.
+(e.g. its own exp), which is why only ``train.fast_step`` uses it. NaN is the exclusion mark, so
+a NaN score (a diverged model) is treated as excluded here instead of propagating; the set
+members' own logits still carry it into the loss. The function is compiled once per process,
+with dynamic shapes (block widths and batch sizes vary), and Inductor keeps the generated code in
+its on-disk cache, so later processes only load it. Where compiling fails (no C++ compiler, an
+unsupported platform) the eager version runs, after one warning: the same function, only slower.
 """
 from __future__ import annotations
 
@@ -28,30 +31,26 @@ import torch
 GROUP = 64  # columns per group of ``group_max`` (= softmax._GROUP)
 
 
-def dro_scores(prod: torch.Tensor, bias: torch.Tensor, pc: torch.Tensor, y_out: torch.Tensor):
-    """Writes y = prod + bias into ``y_out`` and returns (a, group_max).
-
-    prod Float/BFloat[B, C] (the block's matrix product), bias Float[C], pc Float[C] (p / beta),
-    y_out Float[B, C] (may be a column slice of a wider buffer) -> a Float[B, C] = y * y * pc,
-    group_max Float[B, C // GROUP] (maxima of y over groups of GROUP columns)."""
+def dro_block(prod: torch.Tensor, bias: torch.Tensor, pc: torch.Tensor):
+    """prod Float/BFloat[B, C] (NaN = excluded), bias Float[C], pc Float[C] (p / beta) ->
+    (e prod.dtype[B, C], group_max Float[B, C // GROUP], m Float[B], lse Float[B]); see above."""
     y = prod.float() + bias
-    y_out.copy_(y)
-    b, c = y.shape
-    if c < GROUP:  # a last block narrower than one group (Inductor cannot lower the empty reshape)
-        return y * y * pc, y.new_empty(b, 0)
-    main = (c // GROUP) * GROUP
-    return y * y * pc, y[:, :main].reshape(b, main // GROUP, GROUP).amax(2)
-
-
-def softmax_factors(a: torch.Tensor, y: torch.Tensor):
-    """a, y Float[B, C] -> e Float[B, C] = exp(a - m) * y, m Float[B], lse Float[B] = log sum exp(a)."""
+    excluded = torch.isnan(y)
+    a = torch.where(excluded, float("-inf"), y * y * pc)
     m = a.amax(1)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(a - m[:, None])
-    return e * y, m, m + torch.log(e.sum(1))
+    ex = torch.exp(a - m[:, None])
+    e = torch.where(excluded, torch.zeros_like(y), ex * y).to(prod.dtype)
+    lse = m + torch.log(ex.sum(1))
+    b, c = y.shape
+    if c < GROUP:  # a last block narrower than one group (Inductor cannot lower the empty reshape)
+        return e, y.new_empty(b, 0), m, lse
+    main = (c // GROUP) * GROUP
+    yk = torch.where(excluded, float("-inf"), y)
+    return e, yk[:, :main].reshape(b, main // GROUP, GROUP).amax(2), m, lse
 
 
-_EAGER = {"dro_scores": dro_scores, "softmax_factors": softmax_factors}
+_EAGER = {"dro_block": dro_block}
 _RUN: dict = {}  # name -> the compiled function, or the eager one after a failed compile
 
 
@@ -72,20 +71,17 @@ def run(name: str, *args):
 
 
 def warm_up(shapes, n: int, prod_dtype: torch.dtype | None = None, device=None) -> float:
-    """Compile both kernels now, for the (rows, block width) ``shapes`` a run will use over a
-    catalogue of ``n`` items (blocks are column slices of a [rows, n] buffer, as in the catalogue
-    pass), so that no compilation happens inside a training step. ``prod_dtype``: dtype of the block
-    products (None = fp32). Returns the seconds spent."""
+    """Compile the kernel now, for the (rows, block width) ``shapes`` a run will use over a
+    catalogue of ``n`` items (blocks are column slices of a [rows, n] product buffer, as in the
+    catalogue pass), so that no compilation happens inside a training step. ``prod_dtype``: dtype
+    of the block products (None = fp32). Returns the seconds spent."""
     import time
 
     t = time.perf_counter()
     with torch.no_grad():  # the catalogue pass runs inside an autograd.Function: grad mode off
         for rows, width in shapes:
-            prod = torch.zeros(rows, width, device=device, dtype=prod_dtype or torch.float32)
-            y_all = torch.empty(rows, n, device=device)
-            a, _ = run("dro_scores", prod, torch.zeros(width, device=device), torch.ones(width, device=device),
-                       y_all[:, :width])
-            run("softmax_factors", a, y_all[:, :width])
+            prod = torch.zeros(rows, n, device=device, dtype=prod_dtype or torch.float32)
+            run("dro_block", prod[:, :width], torch.zeros(width, device=device), torch.ones(width, device=device))
     return time.perf_counter() - t
 
 

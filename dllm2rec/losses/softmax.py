@@ -182,30 +182,75 @@ def _eager_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype, keep):
     return lse, best_i, kept
 
 
+def _excluded_pairs(excl, n: int):
+    """(rows, j) of the entries of ``excl`` Long[B, E] that name an item 0..n-1 (padding dropped)."""
+    return torch.nonzero((excl >= 0) & (excl < n), as_tuple=True)
+
+
+def _fused_topk(prod, bias, group_max, k: int, excl, ex_y):
+    """Ids Long[B, k] of the k best scores y = prod + bias over the whole catalogue, best first.
+
+    ``prod`` [B, N] holds the block products with NaN at the excluded ids, whose scores are
+    ``ex_y`` Float[B, E] instead (-inf for padding and repeated ids; ids ``excl`` Long[B, E]).
+    ``group_max`` Float[B, N // 64]: maxima of the non-excluded y per group of 64 columns (as in
+    ``block_topk``, the k best groups hold every top-k entry that is not excluded)."""
+    b, n = prod.shape
+    main = (n // _GROUP) * _GROUP
+    if k > 64 or main < 4 * k * _GROUP:
+        cols = torch.arange(n, device=prod.device).expand(b, n)
+    else:
+        groups = group_max.topk(k, dim=1).indices
+        cols = (groups[:, :, None] * _GROUP + torch.arange(_GROUP, device=prod.device)).reshape(b, -1)
+        if main < n:  # the tail that does not fill a group
+            cols = torch.cat([cols, torch.arange(main, n, device=prod.device).expand(b, n - main)], 1)
+    v = prod.gather(1, cols).float() + bias[cols]
+    v = torch.where(torch.isnan(v), float("-inf"), v)
+    ids = torch.cat([cols, excl.clamp(0, n - 1)], 1)
+    j = torch.cat([v, ex_y], 1).topk(k, dim=1).indices
+    return ids.gather(1, j)
+
+
 def _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
-    """The kept-factor DRO forward with the elementwise work in ``fused`` kernels (``train.fast_step``).
+    """The kept-factor DRO forward with the elementwise work in ``fused.dro_block`` (``train.fast_step``).
 
     Same outputs as ``_eager_forward`` (keep, p given) up to rounding; ``step`` from ``_fused_step``:
-    (lse, top ids or None, kept)."""
-    n = weight.shape[0]
+    (lse, top ids or None, kept). Every block's product is written into one [B, N] buffer (in the
+    product dtype) and the excluded ids are marked NaN in it, so the kernel needs no index list;
+    their true products are saved first, and the top-k reads the buffer plus those saved values."""
+    n, b = weight.shape[0], h.shape[0]
     pc = p / beta
     bias = bias.detach()  # as in warm_up: a requires_grad flag would make torch.compile recompile
     w = weight if mm_dtype is None else weight.to(mm_dtype)  # one cast, not one per block
     hp = h if mm_dtype is None else h.to(mm_dtype)
-    lse = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
-    y_all = torch.empty(h.shape[0], n, dtype=h.dtype, device=h.device)
+    prod = torch.empty(b, n, dtype=hp.dtype, device=h.device)
+    lse = torch.full((b,), float("-inf"), dtype=h.dtype, device=h.device)
+    ex_y = torch.full(excl.shape, float("-inf"), dtype=h.dtype, device=h.device) if excl is not None else None
+    if excl is not None:
+        ex_rows, ex_j = _excluded_pairs(excl, n)
+        ex_cols = excl[ex_rows, ex_j]
     kept, gmax = [], []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        a, g = fused.run("dro_scores", hp @ w[c0:c1].t(), bias[c0:c1], pc[c0:c1], y_all[:, c0:c1])
-        gmax.append(g)
+        block = prod[:, c0:c1]
+        torch.mm(hp, w[c0:c1].t(), out=block)
         if excl is not None:
-            _exclude(a, excl, c0, c1)
-        e, m, part = fused.run("softmax_factors", a, y_all[:, c0:c1])
+            s = (ex_cols >= c0) & (ex_cols < c1)
+            r, j, c = ex_rows[s], ex_j[s], ex_cols[s] - c0
+            ex_y[r, j] = block[r, c].float() + bias[c + c0]
+            block[r, c] = float("nan")
+        e, g, m, part = fused.run("dro_block", block, bias[c0:c1], pc[c0:c1])
+        gmax.append(g)
         lse = torch.logaddexp(lse, part)
         kept.append((e, m))
-    top = block_topk(y_all, topk, torch.cat(gmax, 1))[1] if topk else None
-    return lse, top, kept
+    if not topk:
+        return lse, None, kept
+    if excl is None:
+        excl, ex_y = prod.new_zeros(b, 0, dtype=torch.long), lse.new_zeros(b, 0)
+    else:  # an id listed twice in a row competes once
+        e_ = excl.shape[1]
+        dup = ((excl[:, :, None] == excl[:, None, :]) & torch.ones(e_, e_, dtype=torch.bool, device=h.device).tril(-1)).any(-1)
+        ex_y = ex_y.masked_fill(dup, float("-inf"))
+    return lse, _fused_topk(prod, bias, torch.cat(gmax, 1), topk, excl, ex_y), kept
 
 
 class _CatalogueLSE(torch.autograd.Function):
@@ -251,13 +296,21 @@ class _CatalogueLSE(torch.autograd.Function):
                 if need_h:
                     wc = weight[c0:c1] if colf is None else weight[c0:c1] * colf[:, None]
                     gh.add_(precision.mm(e_mm, wc, dt) * rowf[:, None])
-                if need_w:
-                    precision.mm_into(gw[c0:c1], e_mm.t(), h * rowf[:, None], dt)
-                    if colf is not None:
+                if need_w and need_b and e.dtype != gw.dtype:
+                    # e kept in the product dtype (fused pass): the bias gradient e.T @ rowf rides
+                    # along as one more column of the weight-gradient product (one read of e)
+                    both = torch.mm(e.t(), torch.cat([h * rowf[:, None], rowf[:, None]], 1).to(e.dtype))
+                    gw[c0:c1].copy_(both[:, :-1])
+                    gb[c0:c1].copy_(both[:, -1])
+                else:
+                    if need_w:
+                        precision.mm_into(gw[c0:c1], e_mm.t(), h * rowf[:, None], dt)
+                    if need_b:
+                        torch.mv(e.float().t() if e.dtype != gb.dtype else e.t(), rowf, out=gb[c0:c1])
+                if colf is not None:
+                    if need_w:
                         gw[c0:c1].mul_(colf[:, None])
-                if need_b:
-                    torch.mv(e.t(), rowf, out=gb[c0:c1])
-                    if colf is not None:
+                    if need_b:
                         gb[c0:c1].mul_(colf)
                 continue
             y, a = _block_values(h, weight, bias, p, ctx.beta, excl, c0, c1, dt)
