@@ -35,7 +35,7 @@ def dro_block(prod: torch.Tensor, bias: torch.Tensor, pc: torch.Tensor):
     """prod Float/BFloat[B, C] (NaN = excluded), bias Float[C], pc Float[C] (p / beta) ->
     (e prod.dtype[B, C], group_max Float[B, C // GROUP], m Float[B], lse Float[B]); see above."""
     y = prod.float() + bias
-    excluded = torch.isnan(y)
+    excluded = y != y  # NaN; Inductor vectorizes this compare but not torch.isnan (a scalar loop per vector)
     a = torch.where(excluded, float("-inf"), y * y * pc)
     m = a.amax(1)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
