@@ -98,6 +98,34 @@ def test_fused_dro_pass_matches_the_eager_pass(dtype, block_elems, monkeypatch):
         assert (a - x).abs().max() <= 2 * (b - x).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_catalogue_pass_ignores_padding_and_keeps_excluded_ids_in_the_top_k(dtype, monkeypatch):
+    # The fused pass marks excluded ids NaN in its product buffer; padding ids (outside 0..N-1) must
+    # be ignored, an excluded id must still compete for the student's top-k with its true score,
+    # and the product buffer's NaN marks must not reach the kept factors (backward).
+    monkeypatch.setattr(softmax, "BLOCK_ELEMS", 4096)
+    h, w, bias, p, cols = _dro_case(23, 3000, seed=5)
+    best = (h.detach() @ w.detach().t() + bias.detach()).argmax(1)
+    excl = torch.cat([cols, best[:, None], torch.full((23, 2), 3000), torch.full((23, 1), -1)], 1)
+    out = {}
+    for use_fused in (False, True):
+        for t in (h, w, bias):
+            t.grad = None
+        lse, top = softmax.catalogue_logsumexp(h, w, bias, 1 << 30, p=p, beta=0.7, exclude=excl, topk=10,
+                                               matmul_dtype=dtype, use_fused=use_fused)
+        lse.sum().backward()
+        out[use_fused] = lse.detach(), top, h.grad.clone(), w.grad.clone(), bias.grad.clone()
+    ref, got = out[False], out[True]
+    assert torch.isfinite(got[0]).all()
+    tol = 1e-5 if dtype is None else 2e-3
+    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
+    assert torch.equal(got[1], ref[1])
+    assert (got[1][:, 0] == best).all()  # each row's best item is excluded from the sum, not from the top-k
+    for a, b in zip(got[2:], ref[2:]):
+        assert torch.isfinite(a).all()
+        assert (a - b).abs().max() <= (1e-5 if dtype is None else 2e-2) * b.abs().max() + 1e-6
+
+
 def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch):
     def broken(fn, **kw):
         def run(*a):
