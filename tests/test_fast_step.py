@@ -161,16 +161,23 @@ def test_add_rows_gradient_equals_plain_indexing():
 def test_warm_up_leaves_no_compilation_for_the_step(monkeypatch):
     import torch._dynamo
 
+    from dllm2rec.eval.metrics import rank_of_targets
+
     n, rows = 700, 48
     monkeypatch.setattr(softmax, "BLOCK_ELEMS", 8192)
     shapes = softmax.fused_blocks(rows, n, 1 << 30) | softmax.fused_blocks(rows - 5, n, 1 << 30)
     assert len({w for _, w in shapes}) >= 2  # full blocks and a ragged last block
     for dtype in (None, torch.bfloat16):
         fused.warm_up(sorted(shapes), n, dtype)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for b in (rows, rows - 5):
-        for dtype in (None, torch.bfloat16):
-            _dro(_dro_case(b, n, seed=b), True, dtype)  # raises if a step compiled again
+    g = torch.Generator().manual_seed(7)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # raises if a step compiles again
+        for b in (rows, rows - 5):
+            for dtype in (None, torch.bfloat16):
+                _dro(_dro_case(b, n, seed=b), True, dtype)
+                # evaluation's blocks have other shapes (rows, widths): still no compilation
+                h, w = torch.randn(b + 30, 16, generator=g), torch.randn(n, 16, generator=g)
+                rank_of_targets(h, w, torch.zeros(n), torch.randint(0, n, (b + 30,), generator=g), 1 << 30,
+                                None, dtype, fused=True)
 
 
 def test_fast_step_trains_end_to_end_and_reports_the_compile(tmp_path):
@@ -202,3 +209,27 @@ def test_fast_step_config_key():
     assert load_config(None, ["train.fast_step=true"]).train.fast_step is True
     with pytest.raises(ConfigError, match="train.fast_step"):
         load_config(None, ["train.fast_step=sometimes"])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_evaluation_ranks_equal_the_eager_ranks(dtype, monkeypatch):
+    from dllm2rec.eval.metrics import rank_of_targets
+
+    monkeypatch.setattr(softmax, "BLOCK_ELEMS", 8192)  # several item blocks, a ragged last one
+    g = torch.Generator().manual_seed(4)
+    n = 700
+    h, w, b = torch.randn(90, 16, generator=g), torch.randn(n, 16, generator=g) * 0.3, torch.randn(n, generator=g) * 0.1
+    target = torch.randint(0, n, (90,), generator=g)
+    exclude = torch.cat([torch.randint(0, n, (90, 6), generator=g), target[:, None], torch.full((90, 2), n)], 1)
+    for excl in (None, exclude):
+        ref = rank_of_targets(h, w, b, target, 1 << 30, excl, dtype)
+        got = rank_of_targets(h, w, b, target, 1 << 30, excl, dtype, fused=True)
+        if dtype is None:  # fp32: the bias is added after the product, which may move a near-tie
+            assert (got != ref).float().mean() <= 0.02 and (got - ref).abs().max() <= 2
+        else:  # the same score values: the same ranks
+            assert torch.equal(got, ref)
+    # the exclusions and the target are really left out (not a pass-through of the eager result)
+    plain = rank_of_targets(h, w, b, target, 1 << 30, None, dtype, fused=True)
+    masked = rank_of_targets(h, w, b, target, 1 << 30, exclude, dtype, fused=True)
+    assert (masked <= plain).all() and (masked < plain).any()
+    assert (plain >= 1).all() and (plain <= n).all()

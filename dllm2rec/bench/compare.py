@@ -170,7 +170,7 @@ def rank_agreement(student, weights: Path, data, accelerator, cfg, eval_kw: dict
     if trained:
         student.load_state_dict(read_safetensors(weights))
     reduced = split_ranks(student, data, accelerator, **eval_kw).long()
-    exact = split_ranks(student, data, accelerator, **{**eval_kw, "matmul_dtype": None}).long()
+    exact = split_ranks(student, data, accelerator, **{**eval_kw, "matmul_dtype": None, "fused": False}).long()
     diff = (reduced - exact).abs()
     ks = [10, 20]
     return {"weights": "trained (bench epochs)" if trained else "untrained (fresh initialisation)",

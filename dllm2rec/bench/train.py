@@ -125,7 +125,7 @@ def measure(args) -> dict:
         inputs = load_inputs(cfg)
         student = inputs.student.eval()
         eval_kw = dict(chunk=cfg.loss.item_chunk, batch_size=cfg.train.eval_batch_size, llm_table=inputs.llm_table,
-                       matmul_dtype=resolve(cfg.train.matmul_dtype))
+                       matmul_dtype=resolve(cfg.train.matmul_dtype), fused=cfg.train.fast_step)
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()

@@ -25,11 +25,13 @@ _PROJECT_ROWS = 256  # teacher-table rows projected at once at evaluation
 @torch.no_grad()
 def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_size: int,
                 mask_history: bool = False, llm_table: torch.Tensor | None = None,
-                dropout: bool = False, seed: int = 0, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+                dropout: bool = False, seed: int = 0, matmul_dtype: torch.dtype | None = None,
+                fused: bool = False) -> torch.Tensor:
     """1-based rank of each row's target among all items -> Long/Float [R] (all rows, every rank).
 
     ``matmul_dtype`` (None = fp32): dtype of the teacher-table projection and the score products
-    (``train.matmul_dtype``, ``dllm2rec.precision``)."""
+    (``train.matmul_dtype``, ``dllm2rec.precision``). ``fused`` (``train.fast_step``): rank counts
+    by the compiled kernel (``metrics.rank_of_targets``)."""
     was_training = student.training
     student.train(dropout)  # dropout=True reproduces the reference code's evaluation (labelled)
     device = accelerator.device
@@ -55,7 +57,7 @@ def split_ranks(student, data: SplitTensors, accelerator, *, chunk: int, batch_s
         kw = {} if projected is None else {"llm_hist_projected": gather_history(projected, hist)}
         h = student.encode(hist, data.lengths[s:e].to(device), **kw)
         parts.append(metrics.rank_of_targets(h, weight, bias, data.target[s:e].to(device), chunk,
-                                             hist if mask_history else None, matmul_dtype))
+                                             hist if mask_history else None, matmul_dtype, fused))
     local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
     student.train(was_training)
     return gather_rows(accelerator, local, len(data))
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         inputs.student, inputs.splits[args.split], accelerator, cfg.eval.ks, chunk=cfg.loss.item_chunk,
         batch_size=cfg.train.eval_batch_size, mask_history=cfg.eval.mask_history,
         llm_table=inputs.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed,
-        matmul_dtype=resolve(cfg.train.matmul_dtype))
+        matmul_dtype=resolve(cfg.train.matmul_dtype), fused=cfg.train.fast_step)
     if is_main(accelerator):
         if args.out:
             atomic_write_json(args.out, {"split": args.split, "weights": str(weights), "metrics": result,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dllm2rec import precision
+from dllm2rec.losses import fused
 from dllm2rec.losses.softmax import item_block, merge_topk
 
 _ROW_BLOCK = 1024  # rows per block; items per block from softmax.item_block (cache-sized)
@@ -34,14 +35,40 @@ def _exclusion_mask(exclude: torch.Tensor | None, c0: int, c1: int):
     return rows, exclude[rows, cols] - c0
 
 
+def _fused_count(hb, weight, bias, tb, ts, eb, step: int, matmul_dtype) -> torch.Tensor:
+    """#items scoring strictly above ts per row (target and ``eb`` ids left out), via the compiled
+    ``fused.count_greater`` on each block's product -> Long[B]."""
+    n = weight.shape[0]
+    hp = hb if matmul_dtype is None else hb.to(matmul_dtype)
+    w = weight if matmul_dtype is None else weight.to(matmul_dtype)
+    rows_all = torch.arange(hb.shape[0], device=hb.device)
+    greater = torch.zeros(hb.shape[0], dtype=torch.long, device=hb.device)
+    prod = torch.empty(hb.shape[0], step, dtype=hp.dtype, device=hb.device)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        block = torch.mm(hp, w[c0:c1].t(), out=prod[:, :c1 - c0])
+        inside = (tb >= c0) & (tb < c1)
+        block[rows_all[inside], tb[inside] - c0] = float("nan")  # the target never counts against itself
+        m = _exclusion_mask(eb, c0, c1)
+        if m is not None and m[0].numel():
+            block[m[0], m[1]] = float("nan")
+        greater += fused.run("count_greater", block, bias[c0:c1], ts)
+    return greater
+
+
 @torch.no_grad()
 def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
                     chunk: int = 65536, exclude: torch.Tensor | None = None,
-                    matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    matmul_dtype: torch.dtype | None = None, fused: bool = False) -> torch.Tensor:
     """1-based rank of each row's target among all N items -> Long[B].
 
     h Float[B, H], weight Float[N, H], bias Float[N], target Long[B], exclude Long[B, E] | None,
     matmul_dtype None (fp32, exact) or a reduced dtype (see the module docstring).
+    ``fused`` (``train.fast_step``): each block's product goes straight into the compiled
+    ``losses.fused.count_greater`` (target and excluded ids marked NaN in it) instead of being
+    biased, compared and summed in fp32 passes. Same ranks with a reduced ``matmul_dtype`` (the
+    scores are the same values); with fp32 products the bias is added after the product instead
+    of inside it, which can move near-ties.
     """
     n = weight.shape[0]
     out = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
@@ -57,6 +84,10 @@ def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t
             ts = ts.to(matmul_dtype).float() + bias[tb]
         greater = torch.zeros(hb.shape[0], dtype=torch.long, device=h.device)
         step = item_block(hb.shape[0], chunk)
+        if fused:
+            greater += _fused_count(hb, weight, bias, tb, ts, eb, step, matmul_dtype)
+            out[r0:r0 + _ROW_BLOCK] = greater + 1
+            continue
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             s = precision.addmm(bias[c0:c1], hb, weight[c0:c1].t(), matmul_dtype)

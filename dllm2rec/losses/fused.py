@@ -4,7 +4,8 @@ In eager mode each B x C block of catalogue scores goes through ~10 separate ele
 (bias, square, popularity factor, maxima, subtract, exp, sum, times y), each a pass over 4 MiB
 and most into a freshly allocated buffer. On a 2-core CPU that pass is bound by memory traffic,
 not arithmetic, so here it is ONE function that Inductor turns into one generated loop nest which
-reads the block's matrix product twice and writes only what backward needs:
+reads the block's matrix product twice and writes only what backward needs (and one more for
+evaluation, ``count_greater``):
 
 - ``dro_block(prod, bias, pc)`` -> ``(e, group_max, m, lse)``: y = prod + bias (prod = the block's
   matrix product, fp32 or bf16, with NaN marking the row's excluded ids), a = y * y * pc (pc =
@@ -12,7 +13,10 @@ reads the block's matrix product twice and writes only what backward needs:
   e = exp(a - m) * y (0 where excluded; the factor the catalogue backward needs, stored in the
   product's dtype since backward's products use that dtype anyway), lse = m + log(sum exp(a - m)),
   and group_max = maxima of y over groups of ``GROUP`` columns, excluded ids left out (for the
-  student's top-k, ``softmax._fused_topk``).
+  student's top-k, ``softmax._fused_topk``);
+- ``count_greater(prod, bias, ts)`` -> Long[B]: per row, how many of y = prod + bias are strictly
+  greater than ts (NaN compares false, so NaN marks the target and excluded ids): the evaluation
+  rank count of ``metrics.rank_of_targets(fused=True)``, with the same values y as its eager path.
 
 The arithmetic is the eager path's in exact arithmetic; the generated code rounds differently
 (e.g. its own exp), which is why only ``train.fast_step`` uses it. NaN is the exclusion mark, so
@@ -50,7 +54,14 @@ def dro_block(prod: torch.Tensor, bias: torch.Tensor, pc: torch.Tensor):
     return e, yk[:, :main].reshape(b, main // GROUP, GROUP).amax(2), m, lse
 
 
-_EAGER = {"dro_block": dro_block}
+def count_greater(prod: torch.Tensor, bias: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """prod Float/BFloat[B, C] (NaN = not counted), bias Float[C], ts Float[B] -> Long[B]: how many
+    scores prod + bias per row are strictly greater than the row's ts (evaluation ranks,
+    ``metrics.rank_of_targets``); one read of the product, nothing written per score."""
+    return ((prod.float() + bias) > ts[:, None]).sum(1)
+
+
+_EAGER = {"dro_block": dro_block, "count_greater": count_greater}
 _RUN: dict = {}  # name -> the compiled function, or the eager one after a failed compile
 
 
@@ -71,7 +82,7 @@ def run(name: str, *args):
 
 
 def warm_up(shapes, n: int, prod_dtype: torch.dtype | None = None, device=None) -> float:
-    """Compile the kernel now, for the (rows, block width) ``shapes`` a run will use over a
+    """Compile the kernels now, for the (rows, block width) ``shapes`` a run will use over a
     catalogue of ``n`` items (blocks are column slices of a [rows, n] product buffer, as in the
     catalogue pass), so that no compilation happens inside a training step. ``prod_dtype``: dtype
     of the block products (None = fp32). Returns the seconds spent."""
@@ -82,6 +93,9 @@ def warm_up(shapes, n: int, prod_dtype: torch.dtype | None = None, device=None) 
         for rows, width in shapes:
             prod = torch.zeros(rows, n, device=device, dtype=prod_dtype or torch.float32)
             run("dro_block", prod[:, :width], torch.zeros(width, device=device), torch.ones(width, device=device))
+            # evaluation passes both a whole (contiguous) product block and a ragged column slice
+            for block in (prod[:, :width], prod[:, :width].contiguous()):
+                run("count_greater", block, torch.zeros(width, device=device), torch.zeros(rows, device=device))
     return time.perf_counter() - t
 
 

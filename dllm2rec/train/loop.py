@@ -131,7 +131,7 @@ def train(cfg: RunConfig, resume: bool = False, allow_change: tuple[str, ...] = 
     writer = _tensorboard(out) if main else None
     eval_kw = dict(chunk=cfg.loss.item_chunk, batch_size=cfg.train.eval_batch_size, mask_history=cfg.eval.mask_history,
                    llm_table=objective.llm_table, dropout=cfg.train.eval_dropout, seed=cfg.train.seed,
-                   matmul_dtype=objective.mm_dtype)
+                   matmul_dtype=objective.mm_dtype, fused=cfg.train.fast_step)
     every = cfg.train.checkpoint_every_steps
 
     def save(position_state):
