@@ -1,4 +1,4 @@
-"""Fused elementwise kernel of the DRO catalogue pass (``train.fast_step``), compiled by torch.compile.
+"""``train.fast_step``: the DRO catalogue forward and the evaluation rank count as torch.compile kernels.
 
 In eager mode each B x C block of catalogue scores goes through ~10 separate elementwise sweeps
 (bias, square, popularity factor, maxima, subtract, exp, sum, times y), each a pass over 4 MiB
@@ -13,7 +13,7 @@ evaluation, ``count_greater``):
   e = exp(a - m) * y (0 where excluded; the factor the catalogue backward needs, stored in the
   product's dtype since backward's products use that dtype anyway), lse = m + log(sum exp(a - m)),
   and group_max = maxima of y over groups of ``GROUP`` columns, excluded ids left out (for the
-  student's top-k, ``softmax._fused_topk``);
+  student's top-k, ``_top_ids``);
 - ``count_greater(prod, bias, ts)`` -> Long[B]: per row, how many of y = prod + bias are strictly
   greater than ts (NaN compares false, so NaN marks the target and excluded ids): the evaluation
   rank count of ``metrics.rank_of_targets(fused=True)``, with the same values y as its eager path.
@@ -21,7 +21,8 @@ evaluation, ``count_greater``):
 The arithmetic is the eager path's in exact arithmetic; the generated code rounds differently
 (e.g. its own exp), which is why only ``train.fast_step`` uses it. NaN is the exclusion mark, so
 a NaN score (a diverged model) is treated as excluded here instead of propagating; the set
-members' own logits still carry it into the loss. The function is compiled once per process,
+members' own logits still carry it into the loss. ``dro_forward`` runs the catalogue forward
+around ``dro_block`` (block products, NaN marks, the top-k). Each kernel is compiled once per process,
 with dynamic shapes (block widths and batch sizes vary), and Inductor keeps the generated code in
 its on-disk cache, so later processes only load it. Where compiling fails (no C++ compiler, an
 unsupported platform) the eager version runs, after one warning: the same function, only slower.
@@ -59,6 +60,79 @@ def count_greater(prod: torch.Tensor, bias: torch.Tensor, ts: torch.Tensor) -> t
     scores prod + bias per row are strictly greater than the row's ts (evaluation ranks,
     ``metrics.rank_of_targets``); one read of the product, nothing written per score."""
     return ((prod.float() + bias) > ts[:, None]).sum(1)
+
+
+def _excluded_pairs(excl, n: int):
+    """(rows, j) of the entries of ``excl`` Long[B, E] that name an item 0..n-1 (padding dropped)."""
+    return torch.nonzero((excl >= 0) & (excl < n), as_tuple=True)
+
+
+def _top_ids(prod, bias, group_max, k: int, excl, ex_y):
+    """Ids Long[B, k] of the k best scores y = prod + bias over the whole catalogue, best first.
+
+    ``prod`` [B, N] holds the block products with NaN at the excluded ids, whose scores are
+    ``ex_y`` Float[B, E] instead (-inf for padding and repeated ids; ids ``excl`` Long[B, E]).
+    ``group_max`` Float[B, N // 64]: maxima of the non-excluded y per group of 64 columns (as in
+    ``softmax.block_topk``, the k best groups hold every top-k entry that is not excluded)."""
+    b, n = prod.shape
+    main = (n // GROUP) * GROUP
+    if k > 64 or main < 4 * k * GROUP:
+        cols = torch.arange(n, device=prod.device).expand(b, n)
+    else:
+        groups = group_max.topk(k, dim=1).indices
+        cols = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=prod.device)).reshape(b, -1)
+        if main < n:  # the tail that does not fill a group
+            cols = torch.cat([cols, torch.arange(main, n, device=prod.device).expand(b, n - main)], 1)
+    v = prod.gather(1, cols).float() + bias[cols]
+    v = torch.where(torch.isnan(v), float("-inf"), v)
+    ids = torch.cat([cols, excl.clamp(0, n - 1)], 1)
+    j = torch.cat([v, ex_y], 1).topk(k, dim=1).indices
+    return ids.gather(1, j)
+
+
+def dro_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
+    """The kept-factor DRO catalogue forward (``softmax._CatalogueLSE`` with ``train.fast_step``), its
+    elementwise work in ``dro_block``. h Float[B, H], weight Float[N, H], bias / p Float[N], excl
+    Long[B, E] | None, ``step`` block width (a multiple of GROUP, ``softmax._fused_step``).
+
+    Same outputs as ``softmax._eager_forward`` (keep, p given) up to rounding:
+    (lse, top ids or None, kept). Every block's product is written into one [B, N] buffer (in the
+    product dtype) and the excluded ids are marked NaN in it, so the kernel needs no index list;
+    their true products are saved first, and the top-k reads the buffer plus those saved values."""
+    n, b = weight.shape[0], h.shape[0]
+    pc = p / beta
+    bias = bias.detach()  # as in warm_up: a requires_grad flag would make torch.compile recompile
+    w = weight if mm_dtype is None else weight.to(mm_dtype)  # one cast, not one per block
+    hp = h if mm_dtype is None else h.to(mm_dtype)
+    prod = torch.empty(b, n, dtype=hp.dtype, device=h.device)
+    lse = torch.full((b,), float("-inf"), dtype=h.dtype, device=h.device)
+    ex_y = torch.full(excl.shape, float("-inf"), dtype=h.dtype, device=h.device) if excl is not None else None
+    if excl is not None:
+        ex_rows, ex_j = _excluded_pairs(excl, n)
+        ex_cols = excl[ex_rows, ex_j]
+    kept, gmax = [], []
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        block = prod[:, c0:c1]
+        torch.mm(hp, w[c0:c1].t(), out=block)
+        if excl is not None:
+            s = (ex_cols >= c0) & (ex_cols < c1)
+            r, j, c = ex_rows[s], ex_j[s], ex_cols[s] - c0
+            ex_y[r, j] = block[r, c].float() + bias[c + c0]
+            block[r, c] = float("nan")
+        e, g, m, part = run("dro_block", block, bias[c0:c1], pc[c0:c1])
+        gmax.append(g)
+        lse = torch.logaddexp(lse, part)
+        kept.append((e, m))
+    if not topk:
+        return lse, None, kept
+    if excl is None:
+        excl, ex_y = prod.new_zeros(b, 0, dtype=torch.long), lse.new_zeros(b, 0)
+    else:  # an id listed twice in a row competes once
+        e_ = excl.shape[1]
+        dup = ((excl[:, :, None] == excl[:, None, :]) & torch.ones(e_, e_, dtype=torch.bool, device=h.device).tril(-1)).any(-1)
+        ex_y = ex_y.masked_fill(dup, float("-inf"))
+    return lse, _top_ids(prod, bias, torch.cat(gmax, 1), topk, excl, ex_y), kept
 
 
 _EAGER = {"dro_block": dro_block, "count_greater": count_greater}

@@ -182,77 +182,6 @@ def _eager_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype, keep):
     return lse, best_i, kept
 
 
-def _excluded_pairs(excl, n: int):
-    """(rows, j) of the entries of ``excl`` Long[B, E] that name an item 0..n-1 (padding dropped)."""
-    return torch.nonzero((excl >= 0) & (excl < n), as_tuple=True)
-
-
-def _fused_topk(prod, bias, group_max, k: int, excl, ex_y):
-    """Ids Long[B, k] of the k best scores y = prod + bias over the whole catalogue, best first.
-
-    ``prod`` [B, N] holds the block products with NaN at the excluded ids, whose scores are
-    ``ex_y`` Float[B, E] instead (-inf for padding and repeated ids; ids ``excl`` Long[B, E]).
-    ``group_max`` Float[B, N // 64]: maxima of the non-excluded y per group of 64 columns (as in
-    ``block_topk``, the k best groups hold every top-k entry that is not excluded)."""
-    b, n = prod.shape
-    main = (n // _GROUP) * _GROUP
-    if k > 64 or main < 4 * k * _GROUP:
-        cols = torch.arange(n, device=prod.device).expand(b, n)
-    else:
-        groups = group_max.topk(k, dim=1).indices
-        cols = (groups[:, :, None] * _GROUP + torch.arange(_GROUP, device=prod.device)).reshape(b, -1)
-        if main < n:  # the tail that does not fill a group
-            cols = torch.cat([cols, torch.arange(main, n, device=prod.device).expand(b, n - main)], 1)
-    v = prod.gather(1, cols).float() + bias[cols]
-    v = torch.where(torch.isnan(v), float("-inf"), v)
-    ids = torch.cat([cols, excl.clamp(0, n - 1)], 1)
-    j = torch.cat([v, ex_y], 1).topk(k, dim=1).indices
-    return ids.gather(1, j)
-
-
-def _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
-    """The kept-factor DRO forward with the elementwise work in ``fused.dro_block`` (``train.fast_step``).
-
-    Same outputs as ``_eager_forward`` (keep, p given) up to rounding; ``step`` from ``_fused_step``:
-    (lse, top ids or None, kept). Every block's product is written into one [B, N] buffer (in the
-    product dtype) and the excluded ids are marked NaN in it, so the kernel needs no index list;
-    their true products are saved first, and the top-k reads the buffer plus those saved values."""
-    n, b = weight.shape[0], h.shape[0]
-    pc = p / beta
-    bias = bias.detach()  # as in warm_up: a requires_grad flag would make torch.compile recompile
-    w = weight if mm_dtype is None else weight.to(mm_dtype)  # one cast, not one per block
-    hp = h if mm_dtype is None else h.to(mm_dtype)
-    prod = torch.empty(b, n, dtype=hp.dtype, device=h.device)
-    lse = torch.full((b,), float("-inf"), dtype=h.dtype, device=h.device)
-    ex_y = torch.full(excl.shape, float("-inf"), dtype=h.dtype, device=h.device) if excl is not None else None
-    if excl is not None:
-        ex_rows, ex_j = _excluded_pairs(excl, n)
-        ex_cols = excl[ex_rows, ex_j]
-    kept, gmax = [], []
-    for c0 in range(0, n, step):
-        c1 = min(n, c0 + step)
-        block = prod[:, c0:c1]
-        torch.mm(hp, w[c0:c1].t(), out=block)
-        if excl is not None:
-            s = (ex_cols >= c0) & (ex_cols < c1)
-            r, j, c = ex_rows[s], ex_j[s], ex_cols[s] - c0
-            ex_y[r, j] = block[r, c].float() + bias[c + c0]
-            block[r, c] = float("nan")
-        e, g, m, part = fused.run("dro_block", block, bias[c0:c1], pc[c0:c1])
-        gmax.append(g)
-        lse = torch.logaddexp(lse, part)
-        kept.append((e, m))
-    if not topk:
-        return lse, None, kept
-    if excl is None:
-        excl, ex_y = prod.new_zeros(b, 0, dtype=torch.long), lse.new_zeros(b, 0)
-    else:  # an id listed twice in a row competes once
-        e_ = excl.shape[1]
-        dup = ((excl[:, :, None] == excl[:, None, :]) & torch.ones(e_, e_, dtype=torch.bool, device=h.device).tril(-1)).any(-1)
-        ex_y = ex_y.masked_fill(dup, float("-inf"))
-    return lse, _fused_topk(prod, bias, torch.cat(gmax, 1), topk, excl, ex_y), kept
-
-
 class _CatalogueLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, p, beta, excl, chunk, topk, mm_dtype, use_fused=False):
@@ -261,7 +190,7 @@ class _CatalogueLSE(torch.autograd.Function):
         keep = chunk >= weight.shape[0]
         if use_fused and keep and p is not None:
             step = _fused_step(h.shape[0], chunk)
-            lse, best_i, kept = _fused_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype)
+            lse, best_i, kept = fused.dro_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype)
         else:
             step = item_block(h.shape[0], chunk)
             lse, best_i, kept = _eager_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype, keep)
