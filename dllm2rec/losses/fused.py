@@ -62,11 +62,6 @@ def count_greater(prod: torch.Tensor, bias: torch.Tensor, ts: torch.Tensor) -> t
     return ((prod.float() + bias) > ts[:, None]).sum(1)
 
 
-def _excluded_pairs(excl, n: int):
-    """(rows, j) of the entries of ``excl`` Long[B, E] that name an item 0..n-1 (padding dropped)."""
-    return torch.nonzero((excl >= 0) & (excl < n), as_tuple=True)
-
-
 def _top_ids(prod, bias, group_max, k: int, excl, ex_y):
     """Ids Long[B, k] of the k best scores y = prod + bias over the whole catalogue, best first.
 
@@ -96,31 +91,30 @@ def dro_forward(h, weight, bias, p, beta, excl, step, topk, mm_dtype):
     Long[B, E] | None, ``step`` block width (a multiple of GROUP, ``softmax._fused_step``).
 
     Same outputs as ``softmax._eager_forward`` (keep, p given) up to rounding:
-    (lse, top ids or None, kept). Every block's product is written into one [B, N] buffer (in the
-    product dtype) and the excluded ids are marked NaN in it, so the kernel needs no index list;
-    their true products are saved first, and the top-k reads the buffer plus those saved values."""
+    (lse, top ids or None, kept). All block products are written into one [B, N] buffer (in the
+    product dtype) first; the excluded ids' true scores are read from it, then they are marked NaN
+    in it (one gather and one scatter for the whole catalogue), so the kernel needs no index list,
+    and the top-k reads the buffer plus those saved scores."""
     n, b = weight.shape[0], h.shape[0]
     pc = p / beta
     bias = bias.detach()  # as in warm_up: a requires_grad flag would make torch.compile recompile
     w = weight if mm_dtype is None else weight.to(mm_dtype)  # one cast, not one per block
     hp = h if mm_dtype is None else h.to(mm_dtype)
     prod = torch.empty(b, n, dtype=hp.dtype, device=h.device)
-    lse = torch.full((b,), float("-inf"), dtype=h.dtype, device=h.device)
-    ex_y = torch.full(excl.shape, float("-inf"), dtype=h.dtype, device=h.device) if excl is not None else None
+    for c0 in range(0, n, step):
+        torch.mm(hp, w[c0:c0 + step].t(), out=prod[:, c0:c0 + step])
+    ex_y = None
     if excl is not None:
-        ex_rows, ex_j = _excluded_pairs(excl, n)
-        ex_cols = excl[ex_rows, ex_j]
+        valid = (excl >= 0) & (excl < n)  # padding ids are ignored
+        rows = torch.arange(b, device=h.device)[:, None].expand_as(excl)
+        cols = excl.clamp(0, n - 1)
+        ex_y = torch.where(valid, prod[rows, cols].float() + bias[cols], float("-inf"))
+        prod[rows[valid], cols[valid]] = float("nan")
+    lse = torch.full((b,), float("-inf"), dtype=h.dtype, device=h.device)
     kept, gmax = [], []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        block = prod[:, c0:c1]
-        torch.mm(hp, w[c0:c1].t(), out=block)
-        if excl is not None:
-            s = (ex_cols >= c0) & (ex_cols < c1)
-            r, j, c = ex_rows[s], ex_j[s], ex_cols[s] - c0
-            ex_y[r, j] = block[r, c].float() + bias[c + c0]
-            block[r, c] = float("nan")
-        e, g, m, part = run("dro_block", block, bias[c0:c1], pc[c0:c1])
+        e, g, m, part = run("dro_block", prod[:, c0:c1], bias[c0:c1], pc[c0:c1])
         gmax.append(g)
         lse = torch.logaddexp(lse, part)
         kept.append((e, m))
