@@ -103,3 +103,28 @@ def test_sliced_table_projection_at_evaluation_matches_the_training_route(tiny_c
         expect = rank_of_targets(h, student.output.weight, student.output.bias, valid.target)
     got = split_ranks(student, valid, make_accelerator(), chunk=65536, batch_size=32, llm_table=inputs.llm_table)
     assert inputs.llm_table.shape[0] > 256 and torch.equal(got.long(), expect)
+
+
+@pytest.mark.parametrize("old_fast", [False, True])
+def test_compare_passes_fast_step_to_the_old_tree_only_when_asked(old_fast, monkeypatch, tmp_path):
+    from argparse import Namespace
+
+    from dllm2rec.bench import compare
+
+    seen = []
+
+    def fake_measure(tree, args, out, extra=(), threads=None):
+        seen.append((tree.name, extra))
+        return {"epoch_median": 1.0, "eval_median": 0.1}
+
+    monkeypatch.setattr(compare, "measure_tree", fake_measure)
+    monkeypatch.setattr(compare, "export_revision", lambda root, ref, dest: "0" * 40)
+    args = Namespace(compare="HEAD", repeats=2, threads=2, matmul_dtype="bfloat16", fast_step=True,
+                     old_fast_step=old_fast)
+    text, result = compare.compare_revisions(args)
+    old = [extra for tree, extra in seen if tree == "old"]
+    new = [extra for tree, extra in seen if tree != "old"]
+    assert len(old) == len(new) == 2
+    assert all("--fast-step" in e and "bfloat16" in e for e in new)
+    assert all(("--fast-step" in e) == old_fast for e in old)
+    assert ("both with train.fast_step=true" in text) == old_fast
