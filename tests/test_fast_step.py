@@ -233,3 +233,18 @@ def test_fused_evaluation_ranks_equal_the_eager_ranks(dtype, monkeypatch):
     masked = rank_of_targets(h, w, b, target, 1 << 30, exclude, dtype, fused=True)
     assert (masked <= plain).all() and (masked < plain).any()
     assert (plain >= 1).all() and (plain <= n).all()
+
+
+@pytest.mark.parametrize("dro_alpha,expect", [(0.0, {"count_greater"}), (0.1, {"count_greater", "dro_block"})])
+def test_prepare_compiles_the_evaluation_kernel_even_without_a_dro_pass(dro_alpha, expect, monkeypatch):
+    from dllm2rec.train.objective import StepObjective
+
+    monkeypatch.setattr(fused, "_RUN", {})
+    n = 300
+    cfg = load_config(None, ["train.fast_step=true", f"loss.dro_alpha={dro_alpha}"])
+    targets = torch.randint(0, n, (500,), generator=torch.Generator().manual_seed(0))
+    obj = StepObjective(cfg, n, targets, None)
+    assert obj.prepare({64, 17}) > 0
+    assert {k for k in ("count_greater", "dro_block") if fused.compiled(k)} == expect
+    off = StepObjective(load_config(None, [f"loss.dro_alpha={dro_alpha}"]), n, targets, None)
+    assert off.prepare({64}) == 0.0

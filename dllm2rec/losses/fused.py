@@ -149,21 +149,25 @@ def run(name: str, *args):
         return _EAGER[name](*args)
 
 
-def warm_up(shapes, n: int, prod_dtype: torch.dtype | None = None, device=None) -> float:
-    """Compile the kernels now, for the (rows, block width) ``shapes`` a run will use over a
+def warm_up(shapes, n: int, prod_dtype: torch.dtype | None = None, device=None,
+            kernels=("dro_block", "count_greater")) -> float:
+    """Compile ``kernels`` now, for the (rows, block width) ``shapes`` a run will use over a
     catalogue of ``n`` items (blocks are column slices of a [rows, n] product buffer, as in the
-    catalogue pass), so that no compilation happens inside a training step. ``prod_dtype``: dtype
-    of the block products (None = fp32). Returns the seconds spent."""
+    catalogue pass), so that no compilation happens inside a training step or an evaluation.
+    ``prod_dtype``: dtype of the block products (None = fp32). Returns the seconds spent."""
     import time
 
     t = time.perf_counter()
     with torch.no_grad():  # the catalogue pass runs inside an autograd.Function: grad mode off
         for rows, width in shapes:
             prod = torch.zeros(rows, n, device=device, dtype=prod_dtype or torch.float32)
-            run("dro_block", prod[:, :width], torch.zeros(width, device=device), torch.ones(width, device=device))
-            # evaluation passes both a whole (contiguous) product block and a ragged column slice
-            for block in (prod[:, :width], prod[:, :width].contiguous()):
-                run("count_greater", block, torch.zeros(width, device=device), torch.zeros(rows, device=device))
+            zeros = torch.zeros(width, device=device)
+            if "dro_block" in kernels:
+                run("dro_block", prod[:, :width], zeros, torch.ones(width, device=device))
+            if "count_greater" in kernels:
+                # evaluation passes both a whole (contiguous) product block and a ragged column slice
+                for block in (prod[:, :width], prod[:, :width].contiguous()):
+                    run("count_greater", block, zeros, torch.zeros(rows, device=device))
     return time.perf_counter() - t
 
 

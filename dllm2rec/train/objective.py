@@ -76,15 +76,18 @@ class StepObjective:
         self.timer = None
 
     def prepare(self, batch_rows, device=None) -> float:
-        """One-off work before the first step: with ``train.fast_step``, compile the fused kernels of
-        the DRO pass for the score blocks of batches of ``batch_rows`` rows (``losses.fused.warm_up``).
+        """One-off work before the first step: with ``train.fast_step``, compile the fused kernels
+        (``losses.fused.warm_up``): the DRO pass's for the score blocks of batches of ``batch_rows``
+        rows (when the run has a kept-factor DRO pass) and evaluation's rank count (always).
         Returns the seconds spent (0.0 when there is nothing to do)."""
-        if not (self.fast_step and self.dro_p is not None and self.cfg.loss.item_chunk >= self.n_items):
+        if not self.fast_step:
             return 0.0
         from dllm2rec.losses import fused
 
+        dro = self.dro_p is not None and self.cfg.loss.item_chunk >= self.n_items
         shapes = set().union(*(softmax.fused_blocks(r, self.n_items, self.cfg.loss.item_chunk) for r in batch_rows))
-        return fused.warm_up(sorted(shapes), self.n_items, self.mm_dtype, device)
+        kernels = ("dro_block", "count_greater") if dro else ("count_greater",)
+        return fused.warm_up(sorted(shapes), self.n_items, self.mm_dtype, device, kernels)
 
     def _section(self, name: str):
         return contextlib.nullcontext() if self.timer is None else self.timer(name)
