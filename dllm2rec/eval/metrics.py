@@ -82,12 +82,11 @@ def rank_of_targets(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, t
         else:  # products of dtype values are exact in fp32; round the sum as the matmul rounds its output
             ts = (hb.to(matmul_dtype).float() * weight[tb].to(matmul_dtype).float()).sum(1)
             ts = ts.to(matmul_dtype).float() + bias[tb]
-        greater = torch.zeros(hb.shape[0], dtype=torch.long, device=h.device)
         step = item_block(hb.shape[0], chunk)
         if fused:
-            greater += _fused_count(hb, weight, bias, tb, ts, eb, step, matmul_dtype)
-            out[r0:r0 + _ROW_BLOCK] = greater + 1
+            out[r0:r0 + _ROW_BLOCK] = _fused_count(hb, weight, bias, tb, ts, eb, step, matmul_dtype) + 1
             continue
+        greater = torch.zeros(hb.shape[0], dtype=torch.long, device=h.device)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             s = precision.addmm(bias[c0:c1], hb, weight[c0:c1].t(), matmul_dtype)

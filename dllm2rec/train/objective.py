@@ -66,7 +66,8 @@ class StepObjective:
         # separate gather's backward builds and sums a dense [N, H] gradient; merging them changes
         # the order of the fp32 gradient sums, so the default keeps them separate (bit-identical
         # to runs made before the option).
-        # It also runs the DRO pass's elementwise work in compiled kernels (losses/fused.py).
+        # It also runs the DRO catalogue forward (and evaluation's rank count) as compiled kernels
+        # (losses/fused.py).
         self.fast_step = cfg.train.fast_step
         # lazy_adam: gathers of the output layer return row-sparse gradients (the optimiser then
         # touches only the batch's rows; a full-catalogue term still makes the gradient dense).
